@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install the project and pass its tests: notebook cleanliness, library sync, every notebook, and pytest.
+# Run from the repository root, inside a virtual environment: python3 -m venv .venv && . .venv/bin/activate
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+# CPU torch first, so that the project's `torch` requirement does not pull a multi-GB CUDA build.
+# Elsewhere, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to get the CPU wheel from PyTorch.
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"
+echo "install took $(( $(date +%s) - t0 )) s"
+
+# 1. The notebooks are clean and the library is what they export.
+nbdev_clean
+nbdev_export
+if ! git diff --quiet -- nbs vlmcourse || [ -n "$(git status --porcelain -- nbs vlmcourse)" ]; then
+  echo "nbdev_clean or nbdev_export changed files: run both and commit the result" >&2
+  git status --porcelain -- nbs vlmcourse >&2; git --no-pager diff --stat -- nbs vlmcourse >&2
+  exit 1
+fi
+
+# 2. The tests, with no network at all: a download from the Hub fails loudly instead of passing by luck.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+export VLMCOURSE_CACHE="${VLMCOURSE_CACHE:-$(mktemp -d)/vlmcourse-cache}"
+netless() {
+  if [ "$(id -u)" = 0 ]; then unshare -n bash -c 'ip link set lo up; "$@"' _ "$@"
+  else unshare -rn bash -c 'ip link set lo up; "$@"' _ "$@"; fi
+}
+t1=$(date +%s)
+netless vlmcourse train
+echo "base model trained in $(( $(date +%s) - t1 )) s"
+t2=$(date +%s)
+netless nbdev_test --n_workers 2
+echo "nbdev_test took $(( $(date +%s) - t2 )) s"
+netless python -m pytest tests -q -p no:cacheprovider
+echo "tests/run.sh took $(( $(date +%s) - t0 )) s in all"
