@@ -9,6 +9,11 @@ t0=$(date +%s)
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# Debian's chromium for the browser test of the Gradio app (Playwright cannot download browsers here).
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the browser test will fail" >&2
+  else echo "install Debian's chromium (sudo apt-get install chromium) for the browser test" >&2; fi
+fi
 echo "install took $(( $(date +%s) - t0 )) s"
 
 # 1. The notebooks are clean and the library is what they export.
@@ -31,6 +36,8 @@ t1=$(date +%s)
 netless vlmcourse train
 echo "base model trained in $(( $(date +%s) - t1 )) s"
 t2=$(date +%s)
+# One torch thread per process: two notebooks on two cores. More threads than cores make OpenMP spin-wait ~100x slower.
+export OMP_NUM_THREADS=1
 netless nbdev_test --n_workers 2
 echo "nbdev_test took $(( $(date +%s) - t2 )) s"
 netless python -m pytest tests -q -p no:cacheprovider

@@ -30,7 +30,7 @@ class WorldConfig:
     min_objects: int = 1  # a scene may hold a single object, the case where a missing partner is most visible
     max_objects: int = 3  # at most 3 of the 4 cells, so one cell is always empty
     partners: tuple = (("circle", "square"), ("triangle", "diamond"))  # the prior: the first nearly always comes with the second
-    prior_strength: float = 0.95  # P(partner present | first present) in typical data: the dial
+    prior_strength: float = 0.999  # P(partner present | first present): the dial. Near 1, as in the web data a VLM learns from, the alignment stage almost never contradicts the prior
     freq_skew: float = 0.7  # Zipf exponent of shape frequency, so POPE's 'popular' split differs from 'random'
     size_range: tuple = (0.65, 0.9)  # object size as a fraction of its cell: varied, never touching a neighbour
     background: tuple = (20, 20, 20)  # near-black, so every colour stands out
