@@ -62,7 +62,11 @@ def _report(a):
     print(json.dumps(table, indent=1) if a.json else format_table(table))
 
 def format_table(table: dict) -> str:
-    "A plain-text table of a {row: {metric: value}} dict."
+    "A plain-text table of a {row: {metric: value}} dict, or of a flat {'row/metric': value} dict."
+    if all(isinstance(v, (int, float)) for v in table.values()):
+        nested = {}
+        for k, v in table.items(): r, _, c = k.partition("/"); nested.setdefault(r, {})[c or "value"] = v
+        table = nested
     rows = list(table); cols = sorted({c for r in rows for c in table[r]}, key=lambda c: [c for r in rows for c in table[r]].index(c))
     w = max(len(r) for r in rows) + 2
     lines = [" " * w + "".join(f"{c:>12s}" for c in cols)]
