@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPImageProcessor, CLIPVisionConfig,
+from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig,
                           LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           get_cosine_schedule_with_warmup)
 from transformers.utils import logging as hf_logging
@@ -27,7 +27,7 @@ __all__ = ['LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 't
 
 # %% ../nbs/02_llava.ipynb 5
 try: from transformers import CLIPImageProcessorPil as _ImageProcessor  # the PIL backend: no torchvision needed
-except ImportError: _ImageProcessor = CLIPImageProcessor
+except ImportError: from transformers import CLIPImageProcessor as _ImageProcessor  # older transformers
 
 # %% ../nbs/02_llava.ipynb 7
 @dataclass(frozen=True)
@@ -284,11 +284,11 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
         if not p.is_dir(): raise FileNotFoundError(f"no checkpoint folder at {p}: train one with `vlmcourse train`, or pass a folder written by save_vlm")
         if not (p / "config.json").exists(): raise ValueError(f"{p} is not a model checkpoint (no config.json): pass a folder written by save_vlm or save_pretrained")
     try:
-        prev = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
+        prev = hf_logging.get_verbosity(); hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
         try:
             processor = AutoProcessor.from_pretrained(str(p) if local else path_or_id)
             model = AutoModelForImageTextToText.from_pretrained(str(p) if local else path_or_id, dtype=dtype)
-        finally: hf_logging.set_verbosity(prev)
+        finally: hf_logging.set_verbosity(prev); hf_logging.enable_progress_bar()
     except Exception as e:  # a truncated file, a bad header, a wrong config: each library raises its own type
         if local: raise ValueError(f"the checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and save or train it again") from None
         raise ValueError(f"could not load {path_or_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
