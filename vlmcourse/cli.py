@@ -56,8 +56,8 @@ def _train(a):
 def _report(a):
     from vlmcourse.llava import base_vlm, load_vlm
     from vlmcourse.world import WorldConfig
-    from vlmcourse.hallucination import hallucination_report
     model, proc = load_vlm(a.checkpoint) if a.checkpoint else base_vlm()
+    from vlmcourse.hallucination import hallucination_report  # 03_hallucination
     table = hallucination_report(model, proc, WorldConfig(), n=a.n, seed=a.seed)
     print(json.dumps(table, indent=1) if a.json else format_table(table))
 
