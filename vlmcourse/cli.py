@@ -14,7 +14,7 @@ __all__ = ['build_parser', 'format_table', 'main']
 def _positive(kind):
     def f(s):
         try: v = kind(s)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {s!r}")
+        except ValueError: raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}")
         if v <= 0: raise argparse.ArgumentTypeError(f"must be positive, got {s}")
         return v
     return f
@@ -67,10 +67,14 @@ def format_table(table: dict) -> str:
         nested = {}
         for k, v in table.items(): r, _, c = k.partition("/"); nested.setdefault(r, {})[c or "value"] = v
         table = nested
-    rows = list(table); cols = sorted({c for r in rows for c in table[r]}, key=lambda c: [c for r in rows for c in table[r]].index(c))
-    w = max(len(r) for r in rows) + 2
-    lines = [" " * w + "".join(f"{c:>12s}" for c in cols)]
-    for r in rows: lines.append(f"{r:<{w}s}" + "".join(f"{table[r][c]:>12.3f}" if c in table[r] else " " * 12 for c in cols))
+    groups = {}  # rows with the same metrics share a header: captions (CHAIR) apart from POPE
+    for r, vals in table.items(): groups.setdefault(tuple(vals), []).append(r)
+    w = max(len(r) for r in table) + 2
+    lines = []
+    for cols, rows in groups.items():
+        if lines: lines.append("")
+        lines.append(" " * w + "".join(f"{c:>11s}" for c in cols))
+        lines += [f"{r:<{w}s}" + "".join(f"{table[r][c]:>11.3f}" for c in cols) for r in rows]
     return "\n".join(lines)
 
 def _info(a):
