@@ -19,24 +19,16 @@ from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, render, sample
 from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm, generate, load_vlm, save_vlm, train_base
 from vlmcourse.hallucination import chair, evaluate_captions, find_objects, pope_answer
 from vlmcourse.demo import DemoConfig, build_app, launch_app, serve
+from helpers import free_port, tiny_checkpoints
 
 WCFG = WorldConfig()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     "Checkpoint folders of two tiny models, and a corrupted one."
     root = tmp_path_factory.mktemp("demo-models")
-    torch.manual_seed(0)
-    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=5), progress=False)
-    save_vlm(model, proc, root / "prior")
-    proc = build_processor(WCFG)
-    save_vlm(build_vlm(proc, seed=1), proc, root / "untrained")
+    tiny_checkpoints(root)
     (root / "broken").mkdir(); (root / "broken" / "config.json").write_text("{ this is not json")
     return {k: root / k for k in ("prior", "untrained", "broken")}
 

@@ -22,6 +22,7 @@ from vlmcourse.world import CAPTION_PROMPT, WorldConfig, presence_question, rend
 from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm, generate, load_vlm, save_vlm, train_base
 from vlmcourse.hallucination import pope_answer
 from vlmcourse.demo import build_app, launch_app
+from helpers import free_port, tiny_checkpoints
 
 WCFG = WorldConfig()
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -29,19 +30,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 TIMEOUT = 60_000  # ms: the first request loads both models
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     "Two tiny models in checkpoint folders, the launched app, and a scene image to upload."
     root = tmp_path_factory.mktemp("demo-browser")
-    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=5), progress=False)
-    save_vlm(model, proc, root / "prior")
-    proc = build_processor(WCFG)
-    save_vlm(build_vlm(proc, seed=1), proc, root / "untrained")
+    tiny_checkpoints(root)
     scene = sample_scenes(WCFG, 1, seed=5, kind="counter")[0]
     render(scene, WCFG).save(root / "scene.png")
     app = build_app(left=str(root / "prior"), right=str(root / "untrained"))

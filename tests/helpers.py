@@ -1,0 +1,20 @@
+"Shared by the demo tests: a free port and the tiny checkpoint folders the app is launched with."
+import socket
+import torch
+from vlmcourse.world import WorldConfig
+from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm, save_vlm, train_base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def tiny_checkpoints(root):
+    "A briefly trained model in `root/prior` and an untrained one in `root/untrained`: seconds, not minutes."
+    torch.manual_seed(0)
+    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=5), progress=False)
+    save_vlm(model, proc, root / "prior")
+    proc = build_processor(WorldConfig())
+    save_vlm(build_vlm(proc, seed=1), proc, root / "untrained")
+    return root
