@@ -1,0 +1,108 @@
+"Checks of vlmcourse.preference: the run config, SFT on DPO's budget, alignment from a (tiny) base, the cache, the table."
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlmcourse.dpo import DPOTrainConfig, dpo_train
+from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm
+from vlmcourse.pairs import build_pairs
+from vlmcourse.preference import (BEST_ALIGNMENT, AlignConfig, align, best_aligned_vlm, best_aligned_vlm_path,
+                                  results_markdown, results_table, sft_train)
+from vlmcourse.world import WorldConfig
+
+WCFG = WorldConfig()
+TINY_BASE = BaseTrainConfig(stage1_captions=64, stage2_steps=4, batch_size=8)  # trains in a second or two
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return build_pairs(None, None, WCFG, "bpo_inject", 20, seed=0, progress=False)
+
+
+@pytest.fixture
+def tiny_model():
+    proc = build_processor(WCFG)
+    return build_vlm(proc, seed=0), proc
+
+
+@pytest.mark.parametrize("kw, match", [(dict(objective="ppo"), "objective"), (dict(source="web"), "source"), (dict(n_pairs=0), "n_pairs")])
+def test_align_config_validates(kw, match):
+    with pytest.raises(ValueError, match=match):
+        AlignConfig(**kw)
+
+
+def test_best_alignment_is_a_valid_config():
+    assert isinstance(BEST_ALIGNMENT, AlignConfig)
+    assert BEST_ALIGNMENT.base == BaseTrainConfig()  # it starts from the course's base model
+
+
+def test_sft_has_dpo_budget(tiny_model, pairs):
+    model, proc = tiny_model
+    cfg = DPOTrainConfig(batch_size=8, epochs=2, lr=1e-3)
+    h = sft_train(model, proc, pairs, cfg, progress=False)
+    model2, _ = build_vlm(proc, seed=0), proc
+    h2 = dpo_train(model2, proc, pairs, cfg, progress=False)
+    assert h["steps"] == h2["steps"] == 2 * math.ceil(20 / 8)
+    assert len(h["loss"]) == h["steps"]
+    assert np.mean(h["loss"][-2:]) < np.mean(h["loss"][:2])  # it learns
+
+
+def test_sft_reads_only_the_chosen_answers(pairs):
+    proc = build_processor(WCFG)
+    cfg = DPOTrainConfig(batch_size=8, epochs=1, lr=1e-3)
+    swapped = pairs.map(lambda ex: {"rejected": [{"role": "assistant", "content": [{"type": "text", "text": "yes ."}]}]})
+    a = sft_train(build_vlm(proc, seed=0), proc, pairs, cfg, progress=False)["loss"]
+    b = sft_train(build_vlm(proc, seed=0), proc, swapped, cfg, progress=False)["loss"]
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    swapped_c = pairs.map(lambda ex: {"chosen": [{"role": "assistant", "content": [{"type": "text", "text": "yes ."}]}]})
+    c = sft_train(build_vlm(proc, seed=0), proc, swapped_c, cfg, progress=False)["loss"]
+    assert not np.allclose(a, c)
+
+
+def test_align_from_a_tiny_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    acfg = AlignConfig(base=TINY_BASE, n_pairs=12, train=DPOTrainConfig(batch_size=6, epochs=1, sft_weight=1.0))
+    model, proc, hist = align(acfg, progress=False)
+    assert hist["steps"] == 2 and hist["pairs"] == 12
+    from vlmcourse.llava import base_vlm
+    base, _ = base_vlm(TINY_BASE, progress=False)
+    diff = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), base.parameters()))
+    assert diff > 0  # trained away from the base
+    sft_model, _, h = align(AlignConfig(objective="sft", base=TINY_BASE, n_pairs=12, train=acfg.train), progress=False)
+    assert h["steps"] == 2
+    wrong = build_pairs(None, None, WCFG, "bpo_inject", 5, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        align(acfg, pairs=wrong, progress=False)
+
+
+def test_best_aligned_vlm_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    acfg = AlignConfig(base=TINY_BASE, n_pairs=8, train=DPOTrainConfig(batch_size=8, epochs=1))
+    p1 = best_aligned_vlm_path(acfg, progress=False)
+    stamp = (p1 / "config.json").stat().st_mtime_ns
+    model, proc = best_aligned_vlm(acfg=acfg, progress=False)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert best_aligned_vlm_path(acfg, progress=False) == p1 and (p1 / "config.json").stat().st_mtime_ns == stamp  # not retrained
+    other = best_aligned_vlm_path(AlignConfig(base=TINY_BASE, n_pairs=8, seed=1, train=acfg.train), progress=False)
+    assert other != p1  # another config, another model
+
+
+def test_results_table_and_markdown():
+    rows = [dict(run="base", seed=-1, **{"counter/chair_s": 0.2, "typical/exact": 0.9}),
+            dict(run="A", seed=0, **{"counter/chair_s": 0.1, "typical/exact": 0.8}),
+            dict(run="A", seed=1, **{"counter/chair_s": 0.3, "typical/exact": 1.0})]
+    t = results_table(rows)
+    assert list(t.index) == ["base", "A"]
+    assert t.loc["A", ("mean", "counter/chair_s")] == pytest.approx(0.2)
+    assert t.loc["A", ("std", "counter/chair_s")] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert t.loc["base", ("std", "typical/exact")] == 0
+    md = results_markdown(t).splitlines()
+    assert md[0].startswith("| run | seeds | counter CHAIR_s | typical exact |")
+    assert md[2] == "| base | 1 | 0.200 | 0.900 |"
+    assert md[3] == "| A | 2 | 0.200 ± 0.141 | 0.900 ± 0.141 |"
