@@ -13,7 +13,7 @@ def free_port() -> int:
 def tiny_checkpoints(root):
     "A briefly trained model in `root/prior` and an untrained one in `root/untrained`: seconds, not minutes."
     torch.manual_seed(0)
-    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=5), progress=False)
+    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=5, clip_init=False), progress=False)
     save_vlm(model, proc, root / "prior")
     proc = build_processor(WorldConfig())
     save_vlm(build_vlm(proc, seed=1), proc, root / "untrained")

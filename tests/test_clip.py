@@ -11,7 +11,8 @@ from vlmcourse.clip import (ClipTrainConfig, build_clip, clip_cache_key, clip_co
                             object_prompts, retrieval_recall, zero_shot_scores)
 from vlmcourse.llava import build_processor, build_vlm
 from vlmcourse.llava import LlavaModelConfig
-from vlmcourse.world import WorldConfig, caption, config_key, render, sample_scenes
+from vlmcourse.cache import config_key
+from vlmcourse.world import WorldConfig, caption, render, sample_scenes
 
 torch.set_num_threads(1)
 CFG = ClipTrainConfig()

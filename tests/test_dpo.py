@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers.trainer_callback import PrinterCallback
 
-from vlmcourse.dpo import (DPOTrainConfig, _unpack_pairs, answer_lengths, dpo_loss, dpo_train, for_trl,
+from vlmcourse.dpo import (DPOTrainConfig, unpack_pairs, answer_lengths, dpo_loss, dpo_train, for_trl,
                            preference_dataset, sequence_logps, trl_dpo_config)
 from vlmcourse.llava import LlavaModelConfig, build_processor, build_vlm, sft_batch, train_loop
 from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, render, sample_scenes
@@ -121,7 +121,7 @@ def pairs():
 @pytest.fixture(scope="module")
 def policy(ref, proc, pairs):
     "The reference after five supervised steps on the chosen answers: rewards far from zero."
-    imgs, qs, cs, _ = _unpack_pairs(pairs)
+    imgs, qs, cs, _ = unpack_pairs(pairs)
     p = copy.deepcopy(ref)
     train_loop(p, lambda k: sft_batch(proc, imgs, qs, cs), 5, 3e-3, progress=False)
     return p
@@ -134,7 +134,7 @@ def test_preference_dataset_format(pairs):
     assert ex["prompt"][0]["role"] == "user" and [p["type"] for p in ex["prompt"][0]["content"]] == ["image", "text"]
     assert ex["prompt"][0]["content"][1]["text"] == CAPTION_PROMPT
     assert ex["chosen"][0]["role"] == "assistant" and ex["rejected"][0]["role"] == "assistant"
-    imgs, qs, cs, rs = _unpack_pairs(pairs)
+    imgs, qs, cs, rs = unpack_pairs(pairs)
     assert cs[0] == caption(sample_scenes(WCFG, 8, seed=3, kind="counter")[0], WCFG) and len(rs) == 8
 
 
@@ -158,7 +158,7 @@ def test_preference_dataset_bad_input():
 
 
 def test_sequence_logps_is_the_models_loss(ref, proc, pairs):
-    imgs, qs, cs, _ = _unpack_pairs(pairs)
+    imgs, qs, cs, _ = unpack_pairs(pairs)
     b = sft_batch(proc, imgs, qs, cs)
     with torch.no_grad():
         lp, own = sequence_logps(ref, b), ref(**b).loss
@@ -174,7 +174,7 @@ def test_sequence_logps_is_the_models_loss(ref, proc, pairs):
 
 def test_trl_collator_scores_the_same_tokens(proc, pairs):
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-    imgs, qs, cs, rs = _unpack_pairs(pairs)
+    imgs, qs, cs, rs = unpack_pairs(pairs)
     ours = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
     T = ours["input_ids"].shape[1]
     theirs = DataCollatorForVisionPreference(processor=proc)([dict(r) for r in for_trl(pairs, proc)])
@@ -194,7 +194,7 @@ def test_for_trl_leaves_a_closing_template_alone(proc, pairs):
     assert old in closing.chat_template
     closing.chat_template = closing.chat_template.replace(old, " {% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}")
     assert for_trl(pairs, closing) is pairs
-    imgs, qs, cs, rs = _unpack_pairs(pairs)
+    imgs, qs, cs, rs = unpack_pairs(pairs)
     ours = sft_batch(closing, imgs * 2, qs * 2, cs + rs)
     theirs = DataCollatorForVisionPreference(processor=closing)([dict(r) for r in pairs])
     T = ours["input_ids"].shape[1]
@@ -220,7 +220,7 @@ def trl_first_step(policy, ref, pairs, proc, cfg):
                                  DPOTrainConfig(loss_type="robust", label_smoothing=0.2), DPOTrainConfig(sft_weight=0.5)],
                          ids=["sigmoid", "sigmoid-beta0.5", "hinge", "ipo", "robust", "sigmoid+sft"])
 def test_parity_with_trl(policy, ref, proc, pairs, cfg):
-    imgs, qs, cs, rs = _unpack_pairs(pairs)
+    imgs, qs, cs, rs = unpack_pairs(pairs)
     b = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
     with torch.no_grad():
         (pc, pr), (rc, rr) = sequence_logps(policy, b).chunk(2), sequence_logps(ref, b).chunk(2)

@@ -230,3 +230,15 @@ def test_evaluators_refuse_bad_input(tiny):
         evaluate_pope(model, proc, [], wcfg, "random")
     with pytest.raises(ValueError, match="n must be at least 1"):
         hallucination_report(model, proc, wcfg, n=0)
+
+
+def test_pope_strict_rule_is_popes_evaluate_py():
+    "POPE's evaluate.py: first sentence, commas deleted, split on spaces, exact words No / no / not."
+    from vlmcourse.hallucination import pope_answer, pope_metrics
+    differ = {"Not at all.": ("no", "yes"), "No!": ("no", "yes"), "There is no-one there.": ("no", "yes")}
+    for reply, (lenient, strict) in differ.items():
+        assert pope_answer(reply) == lenient and pope_answer(reply, strict=True) == strict
+    for reply in ("yes .", "no .", "No, there is not.", "I do not see one", "Yes, a circle. No square."):
+        assert pope_answer(reply) == pope_answer(reply, strict=True)
+    assert pope_metrics(["No!", "yes ."], ["no", "yes"])["accuracy"] == 1.0
+    assert pope_metrics(["No!", "yes ."], ["no", "yes"], strict=True)["accuracy"] == 0.5

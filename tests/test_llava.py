@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vlmcourse.world import WorldConfig, sample_scenes, render, caption, CAPTION_PROMPT, cached_artifact
-from vlmcourse.llava import (LlavaModelConfig, BaseTrainConfig, build_processor, build_vlm, chat_prompt, sft_batch, generate,
-                             describe, save_vlm, load_vlm, train_base, to_rgb, train_loop)
+from vlmcourse.cache import cached_artifact
+from vlmcourse.world import WorldConfig, sample_scenes, render, caption, CAPTION_PROMPT
+from vlmcourse.world import is_typical
+from vlmcourse.llava import (LlavaModelConfig, BaseTrainConfig, AlignmentBatches, build_processor, build_vlm, chat_prompt, sft_batch,
+                             generate, describe, save_vlm, load_vlm, train_base, to_rgb, train_loop, stage2_examples, oracle_config,
+                             answer_ids)
 
 torch.set_num_threads(1)
 wcfg, mcfg = WorldConfig(), LlavaModelConfig()
@@ -23,7 +26,7 @@ def test_processor_roundtrip_and_image_tokens(tiny):
     s = sample_scenes(wcfg, 1)[0]
     enc = proc(images=[render(s, wcfg)], text=[chat_prompt(proc, CAPTION_PROMPT) + " " + caption(s, wcfg)], return_tensors="pt")
     img_id = proc.tokenizer.convert_tokens_to_ids("<image>")
-    assert (enc["input_ids"] == img_id).sum().item() == (32 // 8) ** 2 == mcfg.num_image_tokens
+    assert (enc["input_ids"] == img_id).sum().item() == (32 // 8) ** 2 + 1 == mcfg.num_image_tokens  # 16 patches and CLS
     text = proc.tokenizer.decode([t for t in enc["input_ids"][0].tolist() if t != img_id])
     assert text.endswith(caption(s, wcfg))
     assert enc["pixel_values"].shape == (1, 3, 32, 32)
@@ -101,3 +104,85 @@ def _build_slow(_):
         with open(Path(folder).parent / "builds.log", "a") as f: f.write("built\n")
         time.sleep(0.5); (folder / "count.json").write_text(json.dumps({"built": 1}))
     return str(cached_artifact("slow", {"k": 1}, build))
+
+
+def test_sft_labels_with_a_bpe_tokenizer():
+    "With a BPE tokenizer (merges across a word boundary are possible), the labels are exactly the answer's tokens."
+    from types import SimpleNamespace
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from vlmcourse.world import CHAT_TEMPLATE
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [caption(s, wcfg) for s in sample_scenes(wcfg, 200, seed=3)] + ["user : describe the image . assistant : yes . no ."]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", unk_token="<unk>", eos_token="</s>", chat_template=CHAT_TEMPLATE)
+    answers = ["a red circle at top left .", "yes ."]
+    b = sft_batch(SimpleNamespace(tokenizer=tok), None, [CAPTION_PROMPT, "is there a circle in the image ?"], answers)
+    for i, a in enumerate(answers):
+        lab = b["labels"][i][b["labels"][i] != -100].tolist()
+        assert lab == answer_ids(tok, [a])[0]
+        assert tok.decode(lab, skip_special_tokens=True).strip() == a and lab[-1] == tok.eos_token_id
+        n = int(b["attention_mask"][i].sum())
+        assert b["input_ids"][i, n - len(lab):n].tolist() == lab  # the answer closes the row, right before the padding
+
+def test_alignment_batches_equal_sft_batch(tiny):
+    _, proc = tiny
+    ex = stage2_examples(BaseTrainConfig(), 12, seed=5)
+    ds = AlignmentBatches(proc, wcfg, ex, batch_size=4)
+    assert len(ds) == 3
+    for k in range(3):
+        chunk = ex[4 * k:4 * k + 4]
+        plain = sft_batch(proc, [render(s, wcfg) for s, _, _ in chunk], [q for _, q, _ in chunk], [a for _, _, a in chunk])
+        assert set(plain) == set(ds[k]) and all(torch.equal(ds[k][n], plain[n]) for n in plain)
+
+def test_stage2_mix_and_the_alignment_prior():
+    ex = stage2_examples(BaseTrainConfig(), 2000, seed=1)
+    assert all(is_typical(s, wcfg) for s, _, _ in ex)  # align_prior=1.0: the alignment data never break the prior
+    qs = [q for _, q, _ in ex]
+    assert 0.35 < np.mean([q == CAPTION_PROMPT for q in qs]) < 0.45 and 0.35 < np.mean([q.startswith("is there") for q in qs]) < 0.45
+    presence = [a for _, q, a in ex if q.startswith("is there")]
+    assert 0.4 < np.mean([a == "yes ." for a in presence]) < 0.6  # as many no as yes
+    loose = stage2_examples(replace(BaseTrainConfig(), align_prior=0.5), 2000, seed=1)
+    assert not all(is_typical(s, wcfg) for s, _, _ in loose)
+    with pytest.raises(ValueError, match="align_prior"): BaseTrainConfig(align_prior=1.5)
+    with pytest.raises(ValueError, match="caption_frac"): BaseTrainConfig(caption_frac=0.7, presence_frac=0.5)
+
+def test_oracle_world_has_no_prior():
+    o = oracle_config()
+    assert o.world.partners == () and replace(o, world=BaseTrainConfig().world) == BaseTrainConfig()
+    ex = stage2_examples(o, 3000, seed=0)
+    alone = [s for s, _, _ in ex if "circle" in s.shapes and "square" not in s.shapes]
+    assert len(alone) > 100  # circles without squares are common in the oracle's data
+
+def test_train_loop_parameter_groups(tiny):
+    "A parameter group with learning rate 0 does not move; the other does."
+    model, proc = tiny
+    import copy
+    m = copy.deepcopy(model)
+    s = sample_scenes(wcfg, 4, seed=2)
+    b = sft_batch(proc, [render(x, wcfg) for x in s], [CAPTION_PROMPT] * 4, [caption(x, wcfg) for x in s])
+    lm = list(m.model.language_model.parameters())
+    frozen = [p.detach().clone() for p in lm]
+    ids = {id(p) for p in lm}
+    train_loop(m, lambda k: b, 3, 1e-2, params=[{"params": lm, "lr": 0.0}, {"params": [p for p in m.parameters() if id(p) not in ids]}], progress=False)
+    assert all(torch.equal(a, p) for a, p in zip(frozen, lm))
+    assert not torch.equal(m.model.multi_modal_projector.linear_1.weight, model.model.multi_modal_projector.linear_1.weight)
+
+def test_train_base_restores_thread_count():
+    before = torch.get_num_threads()
+    train_base(replace(BaseTrainConfig(), stage1_captions=64, stage2_steps=2, batch_size=8, clip_init=False), progress=False, threads=2, workers=0)
+    assert torch.get_num_threads() == before
+
+def test_base_vlm_tries_the_next_seed_until_one_tells_the_story(tmp_path, monkeypatch):
+    "A tiny model never tells the story: base_vlm_path trains story_tries seeds, records each, keeps the last; the oracle trains once."
+    from vlmcourse.llava import base_vlm_path, oracle_vlm_path, tells_the_story
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    tcfg = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False, story_tries=2, seed=5)
+    tries = json.loads((base_vlm_path(tcfg, progress=False) / "history.json").read_text())["tries"]
+    assert [t["seed"] for t in tries] == [5, 6] and not any(t["tells the story"] for t in tries)
+    assert json.loads((oracle_vlm_path(tcfg, progress=False) / "history.json").read_text())["tries"] == []
+    good = {"typical exact": 1.0, "typical presence": 1.0, "counter presence": 0.6, "counter hallucinated": 0.4}
+    assert tells_the_story(good)
+    assert not tells_the_story(good | {"counter hallucinated": 0.1}) and not tells_the_story(good | {"counter presence": 0.95})

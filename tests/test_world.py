@@ -87,3 +87,13 @@ def test_tokenizer_roundtrip():
 def test_config_validation():
     with pytest.raises(ValueError, match="max_objects"): WorldConfig(max_objects=5)
     with pytest.raises(ValueError, match="partner"): WorldConfig(partners=(("circle", "hexagon"),))
+
+
+def test_a_prior_that_cannot_be_met_fails_with_a_message():
+    "A world whose every shape needs a partner but holds one object: a clear ValueError, not an endless loop."
+    import random
+    import pytest
+    from vlmcourse.world import WorldConfig, sample_scene
+    cfg = WorldConfig(shapes=("circle", "square"), max_objects=1, partners=(("circle", "square"), ("square", "circle")), prior_strength=1.0)
+    for kind in ("prior", "typical"):
+        with pytest.raises(ValueError, match="tries"): sample_scene(cfg, random.Random(0), kind)

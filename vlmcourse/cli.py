@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the base model (cached, keyed by its config)")
     t.add_argument("--stage2-steps", type=_positive(int), default=None, help="multimodal alignment steps (default: the course's)")
     t.add_argument("--seed", type=int, default=0, help="data and weights seed")
+    t.add_argument("--oracle", action="store_true", help="also train the oracle: the same recipe on a world without the prior")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="print CHAIR and POPE for the base model or a checkpoint")
     r.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the cached base model)")
@@ -45,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../nbs/99_cli.ipynb 6
 def _train(a):
     from dataclasses import replace
-    from vlmcourse.llava import BaseTrainConfig, base_vlm_path
+    from vlmcourse.llava import BaseTrainConfig, base_vlm_path, oracle_vlm_path
     tcfg = BaseTrainConfig(seed=a.seed)
     if a.stage2_steps: tcfg = replace(tcfg, stage2_steps=a.stage2_steps)
-    t0 = time.time()
-    path = base_vlm_path(tcfg, progress=not a.quiet)
-    hist = json.loads((path / "history.json").read_text())
-    print(f"base model: {path}\ntraining took {hist['seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
+    for name, build in [("base model", base_vlm_path)] + ([("oracle", oracle_vlm_path)] if a.oracle else []):
+        t0 = time.time()
+        path = build(tcfg, progress=not a.quiet)
+        hist = json.loads((path / "history.json").read_text())
+        print(f"{name}: {path}\ntraining took {hist['seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
 
 def _report(a):
     from vlmcourse.llava import base_vlm, load_vlm
@@ -78,7 +80,7 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 def _info(a):
-    from vlmcourse.world import cache_dir
+    from vlmcourse.cache import cache_dir
     d = cache_dir(); print(f"cache: {d}  (set VLMCOURSE_CACHE to move it)")
     for p in sorted(d.iterdir()):
         if not p.name.startswith("."): print(f"  {p.name}")

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
-from .world import WorldConfig, build_tokenizer, cached_artifact, caption, render, sample_scenes
+from .cache import cached_artifact
+from .world import WorldConfig, build_tokenizer, caption, render, sample_scenes
 from .llava import LlavaModelConfig, build_processor, to_rgb
 
 # %% auto 0
@@ -144,7 +145,7 @@ def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its tra
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * steps), steps)
     hist, t0 = {"loss": [], "logit_scale": []}, time.time()
     model.train()
-    bar = tqdm(range(steps), desc="CLIP", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(steps), desc="CLIP", disable=None if progress else True, mininterval=1.0)
     for step in bar:
         idx = order[step]
         image_embeds = model.get_image_features(pixel_values=pixels[idx]).pooler_output  # [B, embed_dim]

@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from .llava import sft_batch, to_rgb, train_loop
 
 # %% auto 0
-__all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'sequence_logps', 'answer_lengths', 'for_trl', 'DPOTrainConfig',
-           'trl_dpo_config', 'dpo_train']
+__all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
+           'DPOTrainConfig', 'trl_dpo_config', 'dpo_train']
 
 # %% ../nbs/05_dpo.ipynb 11
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -100,7 +100,7 @@ def _text(content):
     if isinstance(content, str): return content
     return " ".join(p["text"] for p in content if p.get("type") == "text" and p.get("text"))
 
-def _unpack_pairs(pairs):
+def unpack_pairs(pairs):
     "(images, questions, chosen, rejected) from a single-turn preference Dataset in TRL's vision format."
     need = {"images", "prompt", "chosen", "rejected"}
     cols = set(getattr(pairs, "column_names", None) or [])
@@ -205,7 +205,7 @@ def dpo_train(model, # the policy, trained in place
              ) -> dict:
     "Train `model` with DPO on `pairs`, the reference's log-probabilities computed once per pair; returns the history of every step."
     if not isinstance(cfg, DPOTrainConfig): raise TypeError(f"cfg must be a DPOTrainConfig, not {type(cfg).__name__}")
-    images, questions, chosen, rejected = _unpack_pairs(pairs)
+    images, questions, chosen, rejected = unpack_pairs(pairs)
     n, bs, t0 = len(questions), cfg.batch_size, time.time()
     if n == 0: raise ValueError("no pairs to train on")
     for m in model.modules():
@@ -218,7 +218,7 @@ def dpo_train(model, # the policy, trained in place
     rparam = next(ref.parameters())
     ref.eval(); ref_logps = torch.empty(2 * n)
     with torch.no_grad():
-        for i in tqdm(range(0, n, bs), desc="reference log-probs", disable=not progress):
+        for i in tqdm(range(0, n, bs), desc="reference log-probs", disable=None if progress else True):
             idx = torch.arange(i, min(i + bs, n))
             lp = sequence_logps(ref, _to(_take(enc, idx, n), rparam.device, rparam.dtype)).cpu()
             ref_logps[idx], ref_logps[idx + n] = lp.chunk(2)

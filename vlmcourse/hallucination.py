@@ -13,18 +13,23 @@ import numpy as np
 from .world import CAPTION_PROMPT, POPE_SPLITS, WorldConfig, caption, pope_probes, render, sample_scenes
 
 # %% auto 0
-__all__ = ['POPE_METRICS', 'EVAL_SEED', 'pope_answer', 'pope_metrics', 'Mention', 'plural', 'find_objects',
-           'highlight_hallucinations', 'chair', 'evaluate_captions', 'evaluate_pope', 'hallucination_report']
+__all__ = ['POPE_METRICS', 'EVAL_SEED', 'BASE_BAR', 'pope_answer', 'pope_metrics', 'Mention', 'plural', 'find_objects',
+           'highlight_hallucinations', 'chair', 'evaluate_captions', 'evaluate_pope', 'hallucination_report',
+           'base_figures', 'meets_bar']
 
 # %% ../nbs/03_hallucination.ipynb 12
 _NEGATION = re.compile(r"\b(?:no|not)\b")
 
 def pope_answer(text: str, # a model's free-text reply to "is there a ... in the image ?"
+                strict: bool = False, # POPE's own rule, word for word (see below); default: the course's lenient reading
                ) -> str:
-    "POPE's reading of a reply: 'no' if its first sentence contains the word 'no' or 'not' (any case), else 'yes'."
+    """POPE's reading of a reply: 'no' if its first sentence contains the word 'no' or 'not', else 'yes'. The course's
+    rule matches any case and any punctuation around the word; `strict=True` is POPE's `evaluate.py`: commas deleted,
+    split on spaces, the exact words 'No', 'no' or 'not'."""
     if not isinstance(text, str): raise TypeError(f"a reply must be a string, got {type(text).__name__}")
-    first = text.split(".", 1)[0].lower()  # only the first sentence counts
-    return "no" if _NEGATION.search(first) else "yes"
+    first = text.split(".", 1)[0]  # only the first sentence counts
+    if strict: return "no" if {"No", "no", "not"} & set(first.replace(",", "").split(" ")) else "yes"
+    return "no" if _NEGATION.search(first.lower()) else "yes"
 
 def _ratio(a, b): return a / b if b else 0.0
 
@@ -32,6 +37,7 @@ POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")  # what `p
 
 def pope_metrics(answers: list, # the model's free-text replies, one per probe
                  labels: list, # the true answers, 'yes' or 'no', one per probe
+                 strict: bool = False, # read replies with POPE's exact rule (`pope_answer(..., strict=True)`)
                 ) -> dict:
     "POPE's accuracy, precision, recall, F1 and yes-ratio, with 'yes' as the positive class."
     if isinstance(answers, str) or isinstance(labels, str): raise TypeError("answers and labels must be lists of strings, not one string")
@@ -40,7 +46,7 @@ def pope_metrics(answers: list, # the model's free-text replies, one per probe
     if len(answers) != len(labels): raise ValueError(f"{len(answers)} answers but {len(labels)} labels: pass one label per answer")
     bad = sorted({repr(l) for l in labels if l not in ("yes", "no")})
     if bad: raise ValueError(f"labels must be 'yes' or 'no', got {', '.join(bad[:5])}")
-    pred = np.array([pope_answer(a) == "yes" for a in answers])
+    pred = np.array([pope_answer(a, strict) == "yes" for a in answers])
     true = np.array([l == "yes" for l in labels])
     tp, fp = int((pred & true).sum()), int((pred & ~true).sum())
     tn, fn = int((~pred & ~true).sum()), int((~pred & true).sum())
@@ -48,7 +54,7 @@ def pope_metrics(answers: list, # the model's free-text replies, one per probe
     values = ((tp + tn) / len(pred), precision, recall, _ratio(2 * precision * recall, precision + recall), (tp + fp) / len(pred))
     return dict(zip(POPE_METRICS, values))
 
-# %% ../nbs/03_hallucination.ipynb 24
+# %% ../nbs/03_hallucination.ipynb 26
 class Mention(NamedTuple):
     "One object word found in a text: the `word` as written, the `object` it names, and its span `text[start:end]`."
     word: str
@@ -83,7 +89,7 @@ def find_objects(text: str, # any text: a caption, an answer
     rx, forms = _object_regex(_check_objects(objects))
     return [Mention(m.group(), forms[m.group().lower()], m.start(), m.end()) for m in rx.finditer(text)]
 
-# %% ../nbs/03_hallucination.ipynb 26
+# %% ../nbs/03_hallucination.ipynb 28
 def _check_truth(truth, objects):
     if isinstance(truth, str) or not hasattr(truth, "__iter__"):
         raise TypeError(f"a truth must be a set of object words such as {{'circle', 'square'}}, got {truth!r}")
@@ -120,10 +126,10 @@ def chair(captions: list, # generated captions, one per image
     return dict(chair_s=sum(bool(p["hallucinated"]) for p in per_caption) / len(per_caption),
                 chair_i=_ratio(n_hallucinated, n_mentions), per_caption=per_caption)
 
-# %% ../nbs/03_hallucination.ipynb 36
+# %% ../nbs/03_hallucination.ipynb 38
 from .llava import generate
 
-# %% ../nbs/03_hallucination.ipynb 37
+# %% ../nbs/03_hallucination.ipynb 39
 EVAL_SEED = 1000  # the seed of the evaluation scenes, far from the small seeds the training data are sampled with
 
 def _check_scenes(scenes):
@@ -180,3 +186,41 @@ def hallucination_report(model, processor, # a VLM and its processor
         r = evaluate_pope(model, processor, scenes["counter"], wcfg, split, progress=progress)
         report |= {f"pope_{split}/{k}": r[k] for k in POPE_METRICS}
     return report
+
+# %% ../nbs/03_hallucination.ipynb 41
+import random
+from .world import questions
+
+BASE_BAR = {"typical exact": (">=", 0.95), "typical POPE random": (">=", 0.95), "typical POPE popular": (">=", 0.95),
+            "typical POPE adversarial": (">=", 0.95), "typical colour": (">=", 0.95), "typical position": (">=", 0.95),
+            "typical count": (">=", 0.95), "counter CHAIR_s": (">=", 0.20), "POPE gap": (">=", 0.10)}  # the base model's bar
+
+def base_figures(model, processor, # a VLM and its processor
+                 wcfg: WorldConfig, # the biased world
+                 n: int = 200, # scenes of each kind
+                 seed: int = EVAL_SEED, # the evaluation scenes
+                ) -> dict:
+    """What the course's base model is held to (`BASE_BAR`): it reads typical scenes (exact captions, POPE's three
+    splits, colour, position and count answers) and hallucinates on counter-prior ones (CHAIR, the share of invented
+    objects that are the missing partner, POPE). 'POPE gap' is typical random accuracy minus counter adversarial."""
+    typical, counter = (sample_scenes(wcfg, n, seed=seed, kind=k) for k in ("typical", "counter"))
+    out = {"typical exact": evaluate_captions(model, processor, typical, wcfg)["exact"]}
+    out |= {f"typical POPE {s}": evaluate_pope(model, processor, typical, wcfg, s)["accuracy"] for s in POPE_SPLITS}
+    rng = random.Random(f"{seed}-attributes")
+    asked = [(k, qa) for k, s in enumerate(typical) for qa in questions(s, wcfg, rng)[-3:]]  # colour, position, count of each scene
+    images = [render(s, wcfg) for s in typical]
+    replies = generate(model, processor, [images[k] for k, _ in asked], [q for _, (q, _) in asked], max_new_tokens=6)
+    right = np.array([r == a for r, (_, (_, a)) in zip(replies, asked)]).reshape(len(typical), 3)
+    out |= {f"typical {name}": float(right[:, j].mean()) for j, name in enumerate(("colour", "position", "count"))}
+    c = evaluate_captions(model, processor, counter, wcfg)
+    out |= {"counter CHAIR_s": c["chair_s"], "counter CHAIR_i": c["chair_i"], "counter exact": c["exact"]}
+    missing = [{wcfg.partner_of[s] for s in sc.shapes if s in wcfg.partner_of} - sc.shapes for sc in counter]
+    invented = [(o, m) for m, pc in zip(missing, c["per_caption"]) for o in pc["hallucinated"]]
+    out["partner share"] = float(np.mean([o in p for o, p in invented])) if invented else float("nan")
+    out |= {f"counter POPE {s}": evaluate_pope(model, processor, counter, wcfg, s)["accuracy"] for s in POPE_SPLITS}
+    out["POPE gap"] = out["typical POPE random"] - out["counter POPE adversarial"]
+    return out
+
+def meets_bar(figures: dict, bar: dict = BASE_BAR) -> dict:
+    "For each figure of `bar`, whether `figures` meets it."
+    return {k: (figures[k] >= v) if op == ">=" else (figures[k] <= v) for k, (op, v) in bar.items()}

@@ -86,10 +86,8 @@ def contrastive_logits(logits: torch.Tensor, # [B, V] next-token logits of the p
 # %% ../nbs/06_pairs.ipynb 24
 def _encode(processor, images, questions):
     "Left-padded prompts with their images, as the model's inputs."
-    tok = processor.tokenizer
-    side = tok.padding_side; tok.padding_side = "left"
-    try: return processor(images=[to_rgb(i) for i in images], text=[chat_prompt(processor, q) for q in questions], return_tensors="pt", padding=True)
-    finally: tok.padding_side = side
+    return processor(images=[to_rgb(i) for i in images], text=[chat_prompt(processor, q) for q in questions], return_tensors="pt",
+                     padding=True, padding_side="left")  # per call: the shared tokenizer is never changed
 
 @torch.no_grad()
 def decode(model, processor,
@@ -111,7 +109,7 @@ def decode(model, processor,
     tok, dev = processor.tokenizer, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     model.eval(); outs = []
-    for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="decode"):
+    for i in tqdm(range(0, len(images), batch_size), disable=None if progress else True, desc="decode"):
         enc = _encode(processor, images[i:i + batch_size], questions[i:i + batch_size])
         px = enc["pixel_values"]
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -373,7 +371,7 @@ def build_pairs(model, processor, # the model whose negatives are decoded (BPO's
     quota = {"bpo_noise": n - n // 2, "bpo_inject": n // 2} if source == "bpo_both" else {source: n}
     rng = random.Random(f"pairs-{seed}")  # the scenes and prompts depend on the seed only, not the source
     rows = []
-    bar = tqdm(total=n, desc=f"pairs ({source})", disable=not progress)
+    bar = tqdm(total=n, desc=f"pairs ({source})", disable=None if progress else True)
     for rnd in range(pcfg.max_rounds):
         need = sum(quota.values())
         if need == 0: break

@@ -13,9 +13,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .world import WorldConfig, cached_artifact
+from .cache import cached_artifact
+from .world import WorldConfig
 from .llava import BaseTrainConfig, base_vlm, load_vlm, sft_batch, train_loop
-from .dpo import DPOTrainConfig, dpo_train, _unpack_pairs
+from .dpo import DPOTrainConfig, dpo_train, unpack_pairs
 from .pairs import PAIR_SOURCES, PairConfig, build_pairs
 from .hallucination import EVAL_SEED, hallucination_report
 
@@ -50,7 +51,7 @@ def sft_train(model, # trained in place
               progress: bool = True,
              ) -> dict:
     "Supervised fine-tuning on the chosen answers alone, on DPO's budget; returns the loss of every step."
-    images, questions, chosen, _ = _unpack_pairs(pairs)
+    images, questions, chosen, _ = unpack_pairs(pairs)
     n, bs, t0 = len(questions), cfg.batch_size, time.time()
     if n == 0: raise ValueError("no pairs to train on")
     dev = next(model.parameters()).device
@@ -93,7 +94,7 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
         base, proc = base_vlm(bcfg, progress=progress)
         rows = [dict(run="base", seed=-1, **hallucination_report(base, proc, bcfg.world, n=n_eval))]
         cache = {}
-        with tqdm(total=len(runs) * len(seeds), desc="sweep", disable=not progress) as bar:
+        with tqdm(total=len(runs) * len(seeds), desc="sweep", disable=None if progress else True) as bar:
             for seed in seeds:
                 for name, acfg in runs.items():
                     acfg = replace(acfg, seed=seed)

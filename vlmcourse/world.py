@@ -13,11 +13,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # %% auto 0
-__all__ = ['COLOUR_RGB', 'NUMBER_WORDS', 'CAPTION_PROMPT', 'POPE_SPLITS', 'SPECIAL_TOKENS', 'CHAT_WORDS', 'CHAT_TEMPLATE',
-           'WorldConfig', 'ShapeObject', 'Scene', 'is_typical', 'sample_scene', 'sample_scenes', 'cell_box', 'render',
-           'object_mask', 'caption', 'presence_question', 'questions', 'world_words', 'cooccurrence', 'shape_frequency',
-           'pope_probes', 'to_dataset', 'build_tokenizer', 'cache_dir', 'config_key', 'file_lock', 'cached_artifact',
-           'show_scenes']
+__all__ = ['MAX_DRAWS', 'COLOUR_RGB', 'NUMBER_WORDS', 'CAPTION_PROMPT', 'POPE_SPLITS', 'SPECIAL_TOKENS', 'CHAT_WORDS',
+           'CHAT_TEMPLATE', 'WorldConfig', 'ShapeObject', 'Scene', 'is_typical', 'sample_scene', 'sample_scenes',
+           'cell_box', 'render', 'object_mask', 'caption', 'presence_question', 'questions', 'world_words',
+           'cooccurrence', 'shape_frequency', 'pope_probes', 'to_dataset', 'build_tokenizer', 'show_scenes']
 
 # %% ../nbs/00_world.ipynb 6
 @dataclass(frozen=True)
@@ -86,11 +85,14 @@ def _place(shapes, cfg, rng):
     objs = [ShapeObject(s, rng.choice(cfg.colours), c, round(rng.uniform(*cfg.size_range), 3)) for s, c in zip(shapes, cells)]
     return tuple(sorted(objs, key=lambda o: o.cell))
 
+MAX_DRAWS = 10_000  # bound on every rejection loop: a world whose prior cannot be met fails with a message, not a hang
+
 def _draw_shapes(cfg, rng, n, exclude=()):
     "Sample `n`-ish distinct shapes under the prior: a shape with a partner brings it with probability `prior_strength`."
     freq, partner = cfg.shape_freq, cfg.partner_of
     chosen = []
-    while len(chosen) < n:
+    for _ in range(MAX_DRAWS):
+        if len(chosen) >= n: break
         pool = [s for s in cfg.shapes if s not in chosen and s not in exclude]
         if not pool: break
         s = rng.choices(pool, weights=[freq[p] for p in pool])[0]
@@ -99,6 +101,9 @@ def _draw_shapes(cfg, rng, n, exclude=()):
             if len(chosen) + 2 > cfg.max_objects: continue  # no room for the pair: draw again rather than break the prior
             chosen += [s, p]
         else: chosen.append(s)
+    else:
+        if len(chosen) < n: raise ValueError(f"could not draw {n} shapes in {MAX_DRAWS} tries under this prior (partners={cfg.partners}, "
+                                             f"prior_strength={cfg.prior_strength}, max_objects={cfg.max_objects}): allow more objects or weaken the prior")
     return chosen
 
 def is_typical(scene, cfg):
@@ -117,10 +122,12 @@ def sample_scene(cfg: WorldConfig, # the world
         n = rng.randint(cfg.min_objects, cfg.max_objects)
         rest = _draw_shapes(cfg, rng, n - 1, exclude=(a, b))[: n - 1] if n > 1 else []
         return Scene(_place([a] + rest, cfg, rng), "counter")
-    while True:
+    for _ in range(MAX_DRAWS):
         n = rng.randint(cfg.min_objects, cfg.max_objects)
         scene = Scene(_place(_draw_shapes(cfg, rng, n), cfg, rng), kind)
         if kind == "prior" or is_typical(scene, cfg): return scene
+    raise ValueError(f"no {kind} scene in {MAX_DRAWS} tries: this world's prior (partners={cfg.partners}, prior_strength={cfg.prior_strength}) "
+                     f"with max_objects={cfg.max_objects} almost never makes one; allow more objects or change the partners")
 
 def sample_scenes(cfg: WorldConfig, n: int, seed: int = 0, kind: str = "prior") -> list:
     "`n` scenes of one kind, deterministic given `seed`."
@@ -281,54 +288,6 @@ def build_tokenizer(cfg: WorldConfig):
     return tok
 
 # %% ../nbs/00_world.ipynb 44
-import fcntl, hashlib, os, shutil, tempfile
-from contextlib import contextmanager
-from pathlib import Path
-
-def cache_dir() -> Path:
-    "Where trained artifacts live: `$VLMCOURSE_CACHE`, else `~/.cache/vlmcourse`."
-    d = Path(os.environ.get("VLMCOURSE_CACHE", "~/.cache/vlmcourse")).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-def _jsonable(o):
-    if hasattr(o, "__dataclass_fields__"): return {k: _jsonable(v) for k, v in asdict(o).items()}
-    if isinstance(o, dict): return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
-    return o
-
-def config_key(*objs) -> str:
-    "A short stable hash of configs (dataclasses, dicts, plain values)."
-    return hashlib.sha1(json.dumps(_jsonable(objs), sort_keys=True).encode()).hexdigest()[:12]
-
-@contextmanager
-def file_lock(path):
-    "An exclusive lock on `path` across processes (released when the block ends, or the process dies)."
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
-def cached_artifact(name: str, # a readable prefix for the folder, e.g. 'llava-base'
-                    key, # the config(s) that determine the artifact
-                    build, # build(folder) writes the artifact into an empty folder
-                   ) -> Path:
-    "The folder holding the artifact for `key`, built once under a lock and renamed into place when complete."
-    root = cache_dir()
-    final = root / f"{name}-{config_key(key)}"
-    if final.exists(): return final
-    with file_lock(root / f".{final.name}.lock"):
-        if final.exists(): return final  # another process built it while we waited
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        try:
-            build(tmp)
-            (tmp / "vlmcourse_key.json").write_text(json.dumps(_jsonable(key), indent=1))
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True); raise
-    return final
-
-# %% ../nbs/00_world.ipynb 48
 def show_scenes(scenes, cfg, ncols=4, captions=None, scale=3):
     "A grid of scenes with their captions (or the given ones)."
     import matplotlib.pyplot as plt, textwrap
