@@ -1,7 +1,7 @@
 """Train the base model on several seeds and thread counts, time each stage, and hold each run to the course's bar.
 
     python bench/train_base.py                      # seeds 0-4 with 1 thread, seeds 0-1 with 2 threads, the oracle
-    python bench/train_base.py --seeds 0 --no-oracle --threads 1
+    python bench/train_base.py --seeds 0 --two-thread-seeds --no-oracle   # one seed, quickly
     python bench/train_base.py --write nbs/results/base_seeds.csv   # the table 02_llava shows
 
 Trains from scratch (not from the cache). Prints seconds and examples per second of each stage, the figures of
@@ -21,9 +21,10 @@ from vlmcourse.llava import (AlignmentBatches, BaseTrainConfig, build_processor,
 from vlmcourse.hallucination import BASE_BAR, base_figures, meets_bar
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds trained with 1 thread")
+ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4], help="seeds trained with 1 thread")
 ap.add_argument("--two-thread-seeds", type=int, nargs="*", default=[0, 1], help="seeds trained again with 2 threads")
 ap.add_argument("--no-oracle", action="store_true", help="skip the oracle (the same recipe without the prior)")
+ap.add_argument("--oracle-seeds", type=int, nargs="*", default=[0, 1], help="oracle seeds (oracle_vlm() keeps the first that reads the world)")
 ap.add_argument("--n", type=int, default=200, help="evaluation scenes of each kind")
 ap.add_argument("--speed-steps", type=int, default=200, help="stage-2 steps timed for the data-path comparison (0: skip)")
 ap.add_argument("--write", default=None, help="write the table as CSV here")
@@ -50,7 +51,7 @@ if a.speed_steps:
 
 runs = [(f"seed {s}, 1 thread", replace(base, seed=s), 1) for s in a.seeds]
 runs += [(f"seed {s}, 2 threads", replace(base, seed=s), 2) for s in a.two_thread_seeds]
-if not a.no_oracle: runs.append(("oracle, seed 0", oracle_config(base), 1))
+if not a.no_oracle: runs += [(f"oracle, seed {s}", replace(oracle_config(base), seed=s), 1) for s in a.oracle_seeds]
 rows = {}
 for name, tcfg, threads in runs:
     model, proc, hist = train_base(tcfg, progress=False, threads=threads)

@@ -17,7 +17,7 @@ from vlmcourse.preference import (BEST_ALIGNMENT, AlignConfig, align, best_align
 from vlmcourse.world import WorldConfig
 
 WCFG = WorldConfig()
-TINY_BASE = BaseTrainConfig(stage1_captions=64, stage2_steps=4, batch_size=8, clip_init=False, story_tries=1)  # trains in a second or two
+TINY_BASE = BaseTrainConfig(stage1_captions=64, stage2_steps=4, batch_size=8, clip_init=False, seed_tries=1)  # trains in a second or two
 
 
 @pytest.fixture(scope="module")
