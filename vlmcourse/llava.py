@@ -22,11 +22,11 @@ from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, 
                              pope_probes, render, sample_scenes)
 
 # %% auto 0
-__all__ = ['LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 'to_rgb', 'text_prompt', 'answer_ids',
+__all__ = ['PHASE_GRID', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 'to_rgb', 'text_prompt', 'answer_ids',
            'pack_examples', 'sft_batch', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
            'AlignmentBatches', 'train_base', 'generate', 'describe', 'save_vlm', 'default_device', 'load_vlm',
            'mentioned_shapes', 'story_figures', 'tells_the_story', 'reads_the_world', 'training_key', 'base_vlm_path',
-           'base_vlm', 'oracle_vlm_path', 'oracle_vlm']
+           'base_vlm', 'oracle_vlm_path', 'oracle_vlm', 'phase_point', 'phase_table', 'plot_phase']
 
 # %% ../nbs/02_llava.ipynb 5
 try: from transformers import CLIPImageProcessorPil as _ImageProcessor  # the PIL backend: no torchvision needed
@@ -446,3 +446,51 @@ def oracle_vlm_path(tcfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = 
 def oracle_vlm(tcfg: BaseTrainConfig = BaseTrainConfig(), device: str = None, progress: bool = True):
     "(model, processor) of the oracle, the floor of hallucination that alignment is measured against: trained once, then cached."
     return load_vlm(oracle_vlm_path(tcfg, progress), device=device or "cpu")
+
+# %% ../nbs/02_llava.ipynb 51
+PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))  # the diagram's cells; the course's recipe is (1.0, 0.21)
+
+def phase_point(align_prior: float, # P(partner | object) in the alignment data
+                stage1_ratio: float, # text-only captions, as a share of the alignment stage's examples
+                seed: int = 0,
+                stage2_steps: int = None, # default: the course's
+                n: int = 100, # evaluation scenes of each kind
+               ) -> dict:
+    "Train the base recipe with one alignment prior and one text-only stage size; its counter CHAIR_s and typical exact captions."
+    t = replace(BaseTrainConfig(), seed=seed, align_prior=align_prior)
+    if stage2_steps: t = replace(t, stage2_steps=stage2_steps)
+    t = replace(t, stage1_captions=max(t.batch_size, round(stage1_ratio * t.stage2_steps * t.batch_size)))
+    m, p, _ = train_base(t, progress=False)
+    w = t.world
+    typ, ctr = (sample_scenes(w, n, seed=99, kind=k) for k in ("typical", "counter"))
+    ct, cc = describe(m, p, [render(s, w) for s in typ]), describe(m, p, [render(s, w) for s in ctr])
+    return dict(align_prior=align_prior, stage1_ratio=stage1_ratio, seed=seed,
+                counter_chair_s=float(np.mean([bool(mentioned_shapes(c, w) - s.shapes) for c, s in zip(cc, ctr)])),
+                typical_exact=float(np.mean([c == caption(s, w) for c, s in zip(ct, typ)])))
+
+def phase_table(points: list):
+    "Mean over seeds of each (align_prior, stage1_ratio) cell, with the number of seeds."
+    import pandas as pd
+    df = pd.DataFrame(points)
+    out = df.groupby(["align_prior", "stage1_ratio"])[["counter_chair_s", "typical_exact"]].mean()
+    out["seeds"] = df.groupby(["align_prior", "stage1_ratio"])["seed"].nunique()
+    return out
+
+def plot_phase(table, title: str):
+    "Two heat maps over the grid: counter-prior CHAIR_s and typical exact captions."
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, col, cmap in zip(axs, ("counter_chair_s", "typical_exact"), ("Reds", "Greens")):
+        grid = table[col].unstack("stage1_ratio")
+        im = ax.imshow(grid.values, cmap=cmap, vmin=0, vmax=1, origin="lower", aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [f"{r:g}" for r in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [f"{p:g}" for p in grid.index])
+        ax.set_xlabel("text-only captions / alignment examples")
+        ax.set_ylabel("alignment data's prior")
+        for (i, j), v in np.ndenumerate(grid.values): ax.text(j, i, f"{v:.2f}", ha="center", va="center")
+        ax.set_title(col.replace("_", " "))
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
