@@ -121,17 +121,18 @@ def answer_ids(tokenizer, answers: list) -> list:
     "Token ids of each answer as it follows its prompt: a space, the answer, the end-of-sequence token."
     return tokenizer([f" {a} {tokenizer.eos_token}" for a in answers], add_special_tokens=False)["input_ids"]
 
-def pack_examples(rows: list, # (input ids, labels) per example, lists of the same length
+def pack_examples(pairs: list, # (prompt ids, answer ids) per example, tokenised apart
                   pad_id: int, # the tokenizer's padding id
                  ) -> dict:
-    "Right-padded `input_ids`, `attention_mask` and `labels`, each [B, T]; padding is -100 in the labels."
-    T = max(len(ids) for ids, _ in rows)
-    out = dict(input_ids=torch.full((len(rows), T), pad_id), attention_mask=torch.zeros((len(rows), T), dtype=torch.long),
-               labels=torch.full((len(rows), T), -100))
-    for r, (ids, lab) in enumerate(rows):
-        out["input_ids"][r, :len(ids)] = torch.tensor(ids)
-        out["attention_mask"][r, :len(ids)] = 1
-        out["labels"][r, :len(lab)] = torch.tensor(lab)
+    "Right-padded `input_ids`, `attention_mask` and `labels`, each [B, T]: prompt then answer; labels score the answer only."
+    T = max(len(p) + len(a) for p, a in pairs)
+    out = dict(input_ids=torch.full((len(pairs), T), pad_id), attention_mask=torch.zeros((len(pairs), T), dtype=torch.long),
+               labels=torch.full((len(pairs), T), -100))
+    for r, (p, a) in enumerate(pairs):
+        n = len(p) + len(a)
+        out["input_ids"][r, :n] = torch.tensor(p + a)
+        out["attention_mask"][r, :n] = 1
+        out["labels"][r, len(p):n] = torch.tensor(a)
     return out
 
 def sft_batch(processor, # a LLaVA-style processor
@@ -150,8 +151,7 @@ def sft_batch(processor, # a LLaVA-style processor
         enc = processor(text=[chat_prompt(processor, q) for q in questions], images=[to_rgb(i) for i in images],
                         return_tensors="pt", padding=True, padding_side="right")  # the one processor pass: prompts and images
     prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]  # [B] lists, padding dropped
-    rows = [(p + a, [-100] * len(p) + a) for p, a in zip(prompts, answer_ids(tok, answers))]  # prompt and answer tokenised apart
-    batch = pack_examples(rows, tok.pad_token_id)
+    batch = pack_examples(list(zip(prompts, answer_ids(tok, answers))), tok.pad_token_id)  # prompt and answer tokenised apart
     batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")})  # pixel_values
     return batch
 
@@ -241,14 +241,13 @@ class AlignmentBatches(torch.utils.data.Dataset):
         self.scenes = [s for s, _, _ in examples]
         blank = Image.new("RGB", (wcfg.image_size, wcfg.image_size))
         prompts = {q: processor(text=[chat_prompt(processor, q)], images=[blank])["input_ids"][0] for q in {q for _, q, _ in examples}}
-        self.rows = [(prompts[q] + a, [-100] * len(prompts[q]) + a)
-                     for (_, q, _), a in zip(examples, answer_ids(processor.tokenizer, [a for _, _, a in examples]))]
+        self.pairs = [(prompts[q], a) for (_, q, _), a in zip(examples, answer_ids(processor.tokenizer, [a for _, _, a in examples]))]
 
-    def __len__(self): return len(self.rows) // self.batch_size
+    def __len__(self): return len(self.pairs) // self.batch_size
 
     def __getitem__(self, k):
         sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-        batch = pack_examples(self.rows[sl], self.processor.tokenizer.pad_token_id)
+        batch = pack_examples(self.pairs[sl], self.processor.tokenizer.pad_token_id)
         batch["pixel_values"] = self.processor.image_processor([render(s, self.wcfg) for s in self.scenes[sl]], return_tensors="pt")["pixel_values"]
         return batch
 
@@ -282,8 +281,8 @@ def _train_base(tcfg, progress, workers):
     # Stage 1: text only, many captions from the biased world, tokenised once
     caps = [caption(s, tcfg.world) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]
     prompt = tok(text_prompt(tok, CAPTION_PROMPT))["input_ids"]
-    rows = [(prompt + a, [-100] * len(prompt) + a) for a in answer_ids(tok, caps)]
-    hist["stage1"] = train_loop(model, lambda k: pack_examples(rows[k * B:(k + 1) * B], tok.pad_token_id), len(rows) // B,
+    pairs = [(prompt, a) for a in answer_ids(tok, caps)]
+    hist["stage1"] = train_loop(model, lambda k: pack_examples(pairs[k * B:(k + 1) * B], tok.pad_token_id), len(pairs) // B,
                                 tcfg.stage1_lr, tcfg.warmup, tcfg.clip_grad, desc="stage 1: text only", progress=progress)
     hist["stage1_seconds"] = time.time() - t0
     # Stage 2: image-text alignment on fewer examples
