@@ -383,12 +383,13 @@ def story_figures(model, processor, # a VLM and its processor
     typical scenes (POPE's random probes), presence answers on counter-prior scenes (adversarial probes, which ask
     about the missing partner), and counter-prior captions that name an absent shape."""
     typical, counter = (sample_scenes(wcfg, n, seed=seed, kind=k) for k in ("typical", "counter"))
-    out = {"typical exact": float(np.mean([c == caption(s, wcfg) for c, s in zip(describe(model, processor, [render(s, wcfg) for s in typical]), typical)]))}
-    for name, scenes, split in (("typical presence", typical, "random"), ("counter presence", counter, "adversarial")):
-        probes, images = pope_probes(scenes, wcfg, split), [render(s, wcfg) for s in scenes]
-        replies = generate(model, processor, [images[p["scene_idx"]] for p in probes], [p["question"] for p in probes], max_new_tokens=4)
-        out[name] = float(np.mean([r.split(" ")[0] == p["label"] for r, p in zip(replies, probes)]))
-    caps = describe(model, processor, [render(s, wcfg) for s in counter])
+    images = {"typical": [render(s, wcfg) for s in typical], "counter": [render(s, wcfg) for s in counter]}  # rendered once, asked twice
+    out = {"typical exact": float(np.mean([c == caption(s, wcfg) for c, s in zip(describe(model, processor, images["typical"]), typical)]))}
+    for kind, scenes, split in (("typical", typical, "random"), ("counter", counter, "adversarial")):
+        probes = pope_probes(scenes, wcfg, split)
+        replies = generate(model, processor, [images[kind][p["scene_idx"]] for p in probes], [p["question"] for p in probes], max_new_tokens=4)
+        out[f"{kind} presence"] = float(np.mean([r.split(" ")[0] == p["label"] for r, p in zip(replies, probes)]))
+    caps = describe(model, processor, images["counter"])
     out["counter hallucinated"] = float(np.mean([bool(mentioned_shapes(c, wcfg) - s.shapes) for c, s in zip(caps, counter)]))
     return out
 
