@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from vlmcourse.world import render
-from vlmcourse.llava import (AlignmentBatches, BaseTrainConfig, build_processor, build_vlm, oracle_config, sft_batch,
+from vlmcourse.llava import (AlignmentBatches, answerer, BaseTrainConfig, build_processor, build_vlm, oracle_config, sft_batch,
                              stage2_examples, train_base, train_loop, _batch_stream)
 from vlmcourse.hallucination import BASE_BAR, base_figures, meets_bar
 
@@ -57,7 +57,7 @@ for name, tcfg, threads in runs:
     model, proc, hist = train_base(tcfg, progress=False, threads=threads)
     s1, s2 = hist["stage1_seconds"], hist["stage2_seconds"]
     torch.set_num_threads(1)
-    fig = base_figures(model, proc, base.world, n=a.n)
+    fig = base_figures(answerer(model, proc), base.world, n=a.n)
     ok = meets_bar(fig)
     rows[name] = {"seconds": hist["seconds"], **fig, "meets bar": all(ok.values()) if not name.startswith("oracle") else None}
     print(f"{name}: stage 1 {s1:.1f} s ({len(hist['stage1']) * B / s1:.0f} ex/s), stage 2 {s2:.1f} s ({len(hist['stage2']) * B / s2:.0f} ex/s); "

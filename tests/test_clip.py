@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from vlmcourse.clip import (ClipTrainConfig, build_clip, clip_cache_key, clip_config, clip_eot_id, clip_history, clip_loss, clip_model,
+from vlmcourse.clip import (ClipTrainConfig, VisionTowerConfig, vision_config, build_clip, clip_cache_key, clip_config, clip_eot_id, clip_history, clip_loss, clip_model,
                             clip_pixel_values, clip_text_inputs, clip_vision_state_dict, embed_images, embed_texts,
                             object_prompts, retrieval_recall, zero_shot_scores)
-from vlmcourse.llava import build_processor, build_vlm
-from vlmcourse.llava import LlavaModelConfig
+from vlmcourse.llava import LlavaModelConfig, build_processor, build_vlm
 from vlmcourse.cache import config_key
 from vlmcourse.world import WorldConfig, caption, render, sample_scenes
 
@@ -101,11 +100,20 @@ def test_config_checks():
     with pytest.raises(ValueError, match="batch_size"): ClipTrainConfig(batch_size=1)
 
 
-def test_cache_key_follows_the_vision_tower_only():
+def test_cache_key_follows_the_recipe():
     k = config_key(clip_cache_key(CFG))
-    assert config_key(clip_cache_key(ClipTrainConfig(model=LlavaModelConfig(text_layers=5)))) == k
-    assert config_key(clip_cache_key(ClipTrainConfig(model=LlavaModelConfig(vision_hidden=32)))) != k
+    assert config_key(clip_cache_key(ClipTrainConfig(vision=VisionTowerConfig(hidden=32, heads=4)))) != k
     assert config_key(clip_cache_key(ClipTrainConfig(epochs=1))) != k
+
+
+def test_the_vlm_uses_clips_vision_tower():
+    "One definition of the tower: the VLM's vision config is 01_clip's, field for field."
+    from vlmcourse.world import WorldConfig
+    v = VisionTowerConfig(hidden=32, layers=1, heads=2)
+    vlm = build_vlm(build_processor(WorldConfig(), LlavaModelConfig(vision=v)), LlavaModelConfig(vision=v))
+    ours, theirs = vision_config(v).to_dict(), vlm.config.vision_config.to_dict()
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+        assert theirs[k] == ours[k], k
 
 
 def test_retrieval_recall():
@@ -119,7 +127,8 @@ def test_retrieval_recall():
 
 
 def test_vision_config_matches_the_vlm():
-    vlm = build_vlm(build_processor(CFG.world, CFG.model), CFG.model)
+    mcfg = LlavaModelConfig(vision=CFG.vision)
+    vlm = build_vlm(build_processor(CFG.world, mcfg), mcfg)
     theirs, ours = vlm.config.vision_config.to_dict(), clip_config(CFG).vision_config.to_dict()
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
               "hidden_act", "layer_norm_eps", "num_channels"):
@@ -147,7 +156,8 @@ def test_training_clamps_the_temperature_and_caches(tiny_cache):
 
 def test_vision_state_dict_loads_into_the_vlm(tiny_cache):
     sd = clip_vision_state_dict(TINY)
-    vlm = build_vlm(build_processor(TINY.world, TINY.model), TINY.model)
+    mcfg = LlavaModelConfig(vision=TINY.vision)
+    vlm = build_vlm(build_processor(TINY.world, mcfg), mcfg)
     vlm.model.vision_tower.load_state_dict(sd, strict=True)
     assert set(sd) == set(CLIPVisionModel(clip_config(TINY).vision_config).state_dict())
     pix, _ = _inputs(TINY, n=3)

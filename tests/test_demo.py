@@ -18,6 +18,7 @@ from gradio_client.exceptions import AppError
 from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, render, sample_scenes
 from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm, generate, load_vlm, save_vlm, train_base
 from vlmcourse.hallucination import chair, evaluate_captions, find_objects, pope_answer
+from vlmcourse.llava import answerer
 from vlmcourse.demo import DemoConfig, build_app, launch_app, serve
 from helpers import free_port, tiny_checkpoints
 
@@ -91,7 +92,7 @@ def test_upload_both_answers(client, files, models):
 def test_greyscale_rgba_palette_work(client, files, models, mode):
     d, _ = files
     left, right, _ = ask(client, d / f"scene-{mode}.png")
-    from vlmcourse.llava import to_rgb
+    from vlmcourse.clip import to_rgb
     img = to_rgb(Image.open(d / f"scene-{mode}.png"))
     assert text_of(left) == generate(*models["prior"], [img], CAPTION_PROMPT)[0]
 
@@ -133,7 +134,7 @@ def test_batch_table_and_chart(client, models):
     table, plot = client.predict(4, 11, "counter", "adversarial", api_name="/batch")
     headers, rows = table["headers"], table["data"]
     assert len(rows) == 2 and "CHAIR_s" in headers and "POPE accuracy" in headers
-    ref = evaluate_captions(*models["prior"], sample_scenes(WCFG, 4, seed=11, kind="counter"), WCFG)
+    ref = evaluate_captions(answerer(*models["prior"]), sample_scenes(WCFG, 4, seed=11, kind="counter"), WCFG)
     assert rows[0][headers.index("CHAIR_s")] == pytest.approx(ref["chair_s"])
     assert plot is not None
 

@@ -5,6 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
+from vlmcourse.llava import answerer
 from vlmcourse.hallucination import Mention, chair, find_objects, highlight_hallucinations, plural, pope_answer, pope_metrics
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross", "ring"]
@@ -200,7 +201,7 @@ def test_evaluate_captions_bookkeeping(tiny):
     from vlmcourse.world import caption, sample_scenes
     model, proc, wcfg = tiny
     scenes = sample_scenes(wcfg, 3, seed=5, kind="counter")
-    r = evaluate_captions(model, proc, scenes, wcfg)
+    r = evaluate_captions(answerer(model, proc), scenes, wcfg)
     assert len(r["captions"]) == 3 and all(isinstance(c, str) for c in r["captions"])
     ref = chair(r["captions"], [s.shapes for s in scenes], wcfg.shapes)
     assert (r["chair_s"], r["chair_i"]) == (ref["chair_s"], ref["chair_i"])
@@ -214,7 +215,7 @@ def test_evaluate_pope_bookkeeping(tiny):
     from vlmcourse.world import pope_probes, sample_scenes
     model, proc, wcfg = tiny
     scenes = sample_scenes(wcfg, 2, seed=5, kind="counter")
-    r = evaluate_pope(model, proc, scenes, wcfg, "adversarial")
+    r = evaluate_pope(answerer(model, proc), scenes, wcfg, "adversarial")
     assert r["probes"] == pope_probes(scenes, wcfg, "adversarial")
     assert len(r["answers"]) == len(r["probes"])
     ref = pope_metrics(r["answers"], [p["label"] for p in r["probes"]])
@@ -223,13 +224,39 @@ def test_evaluate_pope_bookkeeping(tiny):
 
 def test_evaluators_refuse_bad_input(tiny):
     from vlmcourse.hallucination import evaluate_captions, evaluate_pope, hallucination_report
+    from vlmcourse.world import sample_scenes
     model, proc, wcfg = tiny
     with pytest.raises(ValueError, match="at least one"):
-        evaluate_captions(model, proc, [], wcfg)
+        evaluate_captions(answerer(model, proc), [], wcfg)
     with pytest.raises(ValueError, match="at least one"):
-        evaluate_pope(model, proc, [], wcfg, "random")
+        evaluate_pope(answerer(model, proc), [], wcfg, "random")
     with pytest.raises(ValueError, match="n must be at least 1"):
-        hallucination_report(model, proc, wcfg, n=0)
+        hallucination_report(answerer(model, proc), wcfg, n=0)
+    with pytest.raises(TypeError, match="answer is a model"):
+        evaluate_captions(model, [object()], wcfg)  # the old (model, processor) call gets a message, not a deep traceback
+    with pytest.raises(TypeError, match="answer must be a function"):
+        evaluate_pope("not a function", sample_scenes(wcfg, 1), wcfg)
+
+
+def test_the_yardstick_scores_any_answering_function():
+    "No model at all: an oracle that reads the scene's truth, and a liar that always names the missing partner."
+    from vlmcourse.hallucination import evaluate_captions, evaluate_pope
+    from vlmcourse.world import WorldConfig, caption, render, sample_scenes
+    wcfg = WorldConfig()
+    scenes = sample_scenes(wcfg, 20, seed=3, kind="counter")
+    truth = {render(s, wcfg).tobytes(): s for s in scenes}
+    def oracle(images, questions):
+        out = []
+        for img, q in zip(images, questions):
+            s = truth[img.tobytes()]
+            out.append(caption(s, wcfg) if "describe" in q or "caption" in q else ("yes ." if any(f" {o} " in q for o in s.shapes) else "no ."))
+        return out
+    r = evaluate_captions(oracle, scenes, wcfg)
+    assert r["chair_s"] == 0 and r["exact"] == 1 and r["recall"] == 1
+    assert evaluate_pope(oracle, scenes, wcfg, "adversarial")["accuracy"] == 1
+    assert evaluate_pope(lambda ims, qs: ["yes ."] * len(qs), scenes, wcfg, "adversarial")["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="one string per question"):
+        evaluate_pope(lambda ims, qs: ["yes ."], scenes, wcfg, "random")
 
 
 def test_pope_strict_rule_is_popes_evaluate_py():

@@ -9,8 +9,9 @@ from PIL import Image
 from vlmcourse.cache import cached_artifact
 from vlmcourse.world import WorldConfig, sample_scenes, render, caption, CAPTION_PROMPT
 from vlmcourse.world import is_typical
+from vlmcourse.clip import VisionTowerConfig, to_rgb
 from vlmcourse.llava import (LlavaModelConfig, BaseTrainConfig, AlignmentBatches, build_processor, build_vlm, chat_prompt, sft_batch,
-                             generate, describe, save_vlm, load_vlm, train_base, to_rgb, train_loop, stage2_examples, oracle_config,
+                             generate, describe, save_vlm, load_vlm, train_base, train_loop, stage2_examples, oracle_config,
                              answer_ids)
 
 torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def test_bad_inputs_have_clear_errors(tiny, tmp_path):
     save_vlm(model, proc, tmp_path / "ck")
     (tmp_path / "ck" / "config.json").write_text("{ not json")
     with pytest.raises(ValueError, match="corrupted"): load_vlm(tmp_path / "ck")
-    with pytest.raises(ValueError, match="must divide"): LlavaModelConfig(patch_size=7)
+    with pytest.raises(ValueError, match="must divide"): VisionTowerConfig(patch_size=7)
 
 def test_training_reduces_loss():
     tcfg = replace(BaseTrainConfig(), stage1_captions=640, stage2_steps=30)
@@ -188,3 +189,15 @@ def test_base_vlm_tries_the_next_seed_until_one_tells_the_story(tmp_path, monkey
     assert tells_the_story(good)
     assert not tells_the_story(good | {"counter hallucinated": 0.1}) and not tells_the_story(good | {"counter presence": 0.95})
     assert reads_the_world(good) and not reads_the_world(good | {"typical exact": 0.5})
+
+
+def test_the_two_stages_are_train_base():
+    "text_stage then align_stage is train_base, step for step, so later lessons can start from the text stage."
+    from vlmcourse.llava import align_stage, text_stage
+    t = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False)
+    torch.set_num_threads(1)
+    _, _, hist = train_base(t, progress=False)
+    model, proc, s1 = text_stage(t, progress=False)
+    s2 = align_stage(model, proc, t, progress=False)
+    assert s1 == hist["stage1"] and s2 == hist["stage2"]
+    assert len(align_stage(model, proc, t, progress=False, steps=2, loss_fn=lambda m, b: m(**b).loss * 0)) == 2

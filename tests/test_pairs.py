@@ -69,7 +69,7 @@ def test_bad_noise_step(t):
 def test_contrastive_logits_by_hand():
     l = torch.tensor([[2.0, 1.0, math.log(0.1) + 2.0]])  # token 2 has exactly 0.1 x the top probability
     lc = torch.tensor([[3.0, 0.0, 0.0]])
-    out = contrastive_logits(l, lc, alpha=1.0, beta=0.2)
+    out = contrastive_logits(l, lc, alpha=1.0, cutoff=0.2)
     assert out[0, 0].item() == pytest.approx(2 * 2.0 - 3.0)
     assert out[0, 1].item() == pytest.approx(2 * 1.0 - 0.0)  # exp(-1) = 0.37 >= 0.2: kept
     assert out[0, 2].item() == float("-inf")  # 0.1 < 0.2: cut
@@ -84,7 +84,7 @@ def test_decode_is_generate_without_contrast(tiny):
     qs = [CAPTION_PROMPT] * 5 + ["is there a ring in the image ?"] * 5
     ref = generate(model, proc, imgs, qs, max_new_tokens=12)
     assert decode(model, proc, imgs, qs, max_new_tokens=12, batch_size=3) == ref
-    assert decode(model, proc, imgs, qs, contrast=noise_view(900), alpha=0.0, beta=0.0, max_new_tokens=12) == ref
+    assert decode(model, proc, imgs, qs, contrast=noise_view(900), alpha=0.0, cutoff=0.0, max_new_tokens=12) == ref
 
 
 def test_contrastive_decode_matches_a_naive_loop(tiny):
@@ -93,7 +93,7 @@ def test_contrastive_decode_matches_a_naive_loop(tiny):
     imgs = [render(s, WCFG) for s in sample_scenes(WCFG, 3, seed=9)]
     pv = to_pixels(proc, imgs)
     noisy = noise_view(700, seed=1)(pv.clone())
-    got = decode(model, proc, imgs, CAPTION_PROMPT, view=noise_view(700, seed=1), contrast=lambda p: p, alpha=1.0, beta=0.2, max_new_tokens=8)
+    got = decode(model, proc, imgs, CAPTION_PROMPT, view=noise_view(700, seed=1), contrast=lambda p: p, alpha=1.0, cutoff=0.2, max_new_tokens=8)
     tok = proc.tokenizer
     from vlmcourse.llava import chat_prompt
     for k, img in enumerate(imgs):

@@ -12,7 +12,7 @@ from pathlib import Path
 from filelock import FileLock
 
 # %% auto 0
-__all__ = ['CACHE_FORMAT', 'KEY_FILE', 'cache_dir', 'config_key', 'depends', 'cached_artifact']
+__all__ = ['CACHE_FORMAT', 'KEY_FILE', 'cache_dir', 'config_key', 'depends', 'write_atomically', 'cached_artifact', 'can_run']
 
 # %% ../nbs/cache.ipynb 5
 CACHE_FORMAT = 2  # bump when a change of the course's code changes what a cached config would train (2: the robust base model)
@@ -47,6 +47,26 @@ def _matches(folder: Path, full: dict) -> bool:
     try: return json.loads((folder / KEY_FILE).read_text()) == full
     except (OSError, ValueError): return False
 
+def write_atomically(path, # the folder to (re)write
+                     write, # write(folder) fills an empty temporary folder beside `path`
+                    ) -> Path:
+    "Write a folder all or nothing: `write` fills a temporary folder next to `path`, which is renamed into place only when complete."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old: shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
 def cached_artifact(name: str, # a readable prefix for the folder, e.g. 'llava-base'
                     key, # the config(s) that determine the artifact, with anything else it depends on
                     build, # build(folder) writes the artifact into an empty folder
@@ -61,12 +81,27 @@ def cached_artifact(name: str, # a readable prefix for the folder, e.g. 'llava-b
             if _matches(final, full): return final  # another process built it while we waited
             shutil.rmtree(final)  # a corrupted hit (no key file, or another key): rebuild it
         for stale in root.glob(f".tmp-{final.name}-*"): shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        try:
-            build(tmp)
-            (tmp / KEY_FILE).write_text(json.dumps(full, indent=1))
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        def write(folder):
+            build(folder)
+            (folder / KEY_FILE).write_text(json.dumps(full, indent=1))
+        write_atomically(final, write)
     return final
+
+# %% ../nbs/cache.ipynb 10
+def can_run(gpu: bool = False, # the cell needs a CUDA GPU
+            hub: bool = False, # the cell downloads from the Hugging Face Hub
+           ) -> bool:
+    "Whether this machine has what a cell needs; if not, print one line saying what is missing and return False."
+    missing = []
+    if gpu:
+        import torch
+        if not torch.cuda.is_available(): missing.append("a GPU")
+    if hub:
+        import socket
+        offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if not offline:
+            try: socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            except OSError: offline = True
+        if offline: missing.append("the Hugging Face Hub")
+    if missing: print(f"skipped: this cell needs {' and '.join(missing)}, which this machine does not have")
+    return not missing

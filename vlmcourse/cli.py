@@ -31,16 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="print CHAIR and POPE for the base model or a checkpoint")
     r.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the cached base model)")
+    r.add_argument("--model", default=None, help="one of the course's models by name (see `vlmcourse models`), instead of --checkpoint")
     r.add_argument("--n", type=_positive(int), default=200, help="scenes of each kind to evaluate")
     r.add_argument("--seed", type=int, default=1000, help="seed of the evaluation scenes")
     r.add_argument("--json", action="store_true", help="print the table as JSON")
     sub.add_parser("info", help="where the cache is and what it holds")
+    sub.add_parser("models", help="the course's trained models, by name (the demo's --left/--right and `report --model` take these names)")
     d = sub.add_parser("demo", help="serve the side-by-side hallucination checker (Gradio)")
     d.add_argument("--port", type=_positive(int), default=7860, help="port on 127.0.0.1")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
-    d.add_argument("--left", default=None, help="left model: a checkpoint folder or Hub id (default: the base model)")
-    d.add_argument("--right", default=None, help="right model: a checkpoint folder or Hub id (default: the best aligned model)")
+    d.add_argument("--left", default=None, help="left model: a course model by name (`vlmcourse models`), a checkpoint folder or Hub id (default: base)")
+    d.add_argument("--right", default=None, help="right model: as --left (default: aligned, the best aligned model)")
     return p
 
 # %% ../nbs/99_cli.ipynb 6
@@ -56,18 +58,24 @@ def _train(a):
         print(f"{name}: {path}\ntraining took {hist['seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
 
 def _report(a):
-    from vlmcourse.llava import base_vlm, load_vlm
+    from vlmcourse.llava import answerer, base_vlm, load_vlm
     from vlmcourse.world import WorldConfig
-    model, proc = load_vlm(a.checkpoint) if a.checkpoint else base_vlm()
+    if a.checkpoint and a.model: raise ValueError("give --checkpoint or --model, not both")
+    if a.model:
+        from vlmcourse.registry import model_entry
+        model, proc = load_vlm(model_entry(a.model).path())
+    else: model, proc = load_vlm(a.checkpoint) if a.checkpoint else base_vlm()
     from vlmcourse.hallucination import hallucination_report  # 03_hallucination
-    table = hallucination_report(model, proc, WorldConfig(), n=a.n, seed=a.seed)
+    table = hallucination_report(answerer(model, proc), WorldConfig(), n=a.n, seed=a.seed)
     print(json.dumps(table, indent=1) if a.json else format_table(table))
 
 def format_table(table: dict) -> str:
     "A plain-text table of a {row: {metric: value}} dict, or of a flat {'row/metric': value} dict."
     if all(isinstance(v, (int, float)) for v in table.values()):
         nested = {}
-        for k, v in table.items(): r, _, c = k.partition("/"); nested.setdefault(r, {})[c or "value"] = v
+        for k, v in table.items():
+            r, _, c = k.partition("/")
+            nested.setdefault(r, {})[c or "value"] = v
         table = nested
     groups = {}  # rows with the same metrics share a header: captions (CHAIR) apart from POPE
     for r, vals in table.items(): groups.setdefault(tuple(vals), []).append(r)
@@ -81,9 +89,16 @@ def format_table(table: dict) -> str:
 
 def _info(a):
     from vlmcourse.cache import cache_dir
-    d = cache_dir(); print(f"cache: {d}  (set VLMCOURSE_CACHE to move it)")
+    d = cache_dir()
+    print(f"cache: {d}  (set VLMCOURSE_CACHE to move it)")
     for p in sorted(d.iterdir()):
         if not p.name.startswith("."): print(f"  {p.name}")
+
+def _models(a):
+    from vlmcourse.registry import models
+    entries = models()
+    w = max(len(n) for n in entries) + 2
+    for e in entries.values(): print(f"{e.name:<{w}s}{e.lesson:<16s}{e.what}")
 
 def _demo(a):
     from vlmcourse.demo import serve  # 12_demo
@@ -92,9 +107,11 @@ def _demo(a):
 def main(argv=None) -> int:
     "Entry point of the `vlmcourse` command."
     a = build_parser().parse_args(argv)
-    try: {"train": _train, "report": _report, "info": _info, "demo": _demo}[a.cmd](a)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
-        print(f"vlmcourse {a.cmd}: error: {e}", file=sys.stderr); return 1
+    try: {"train": _train, "report": _report, "info": _info, "models": _models, "demo": _demo}[a.cmd](a)
+    except (ValueError, FileNotFoundError, TypeError, ImportError, KeyError) as e:
+        print(f"vlmcourse {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr); return 130
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -12,18 +12,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, get_cosine_schedule_with_warmup
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, get_cosine_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from .cache import cached_artifact
 from .world import WorldConfig, build_tokenizer, caption, render, sample_scenes
-from .llava import LlavaModelConfig, build_processor, to_rgb
+
 
 # %% auto 0
-__all__ = ['VISION_FIELDS', 'clip_loss', 'ClipTrainConfig', 'clip_eot_id', 'clip_text_inputs', 'clip_config', 'build_clip',
-           'clip_pixel_values', 'train_clip', 'clip_cache_key', 'clip_model_path', 'clip_model', 'clip_history',
-           'embed_images', 'embed_texts', 'retrieval_recall', 'object_prompts', 'zero_shot_scores',
-           'clip_vision_state_dict']
+__all__ = ['clip_loss', 'VisionTowerConfig', 'vision_config', 'image_processor', 'to_rgb', 'ClipTrainConfig', 'clip_eot_id',
+           'clip_text_inputs', 'clip_config', 'build_clip', 'clip_pixel_values', 'train_clip', 'clip_cache_key',
+           'clip_model_path', 'clip_model', 'clip_history', 'embed_images', 'embed_texts', 'retrieval_recall',
+           'object_prompts', 'zero_shot_scores', 'clip_vision_state_dict']
 
 # %% ../nbs/01_clip.ipynb 12
 def _check_embeds(x, name):
@@ -37,7 +38,8 @@ def clip_loss(image_embeds: torch.Tensor, # [B, D] image embeddings, not necessa
               logit_scale, # scalar tensor or float: log of the inverse temperature, so logits are exp(logit_scale) * cos
              ) -> torch.Tensor:
     "CLIP's symmetric InfoNCE loss (Radford et al. 2021, Fig. 3): the mean of image->text and text->image cross-entropy."
-    _check_embeds(image_embeds, "image_embeds"); _check_embeds(text_embeds, "text_embeds")
+    _check_embeds(image_embeds, "image_embeds")
+    _check_embeds(text_embeds, "text_embeds")
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must have the same shape [B, D]: one caption per image")
     t = torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device)
@@ -49,11 +51,52 @@ def clip_loss(image_embeds: torch.Tensor, # [B, D] image embeddings, not necessa
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 # %% ../nbs/01_clip.ipynb 22
+try: from transformers import CLIPImageProcessorPil as _ImageProcessor  # the PIL backend: no torchvision needed
+except ImportError: from transformers import CLIPImageProcessor as _ImageProcessor  # older transformers
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    "Sizes of the tiny ViT that reads the world's images: CLIP's vision tower here, the VLM's in `02_llava`."
+    image_size: int = 32  # the world's image size: no resizing, every pixel counts
+    patch_size: int = 8  # 16 patches; a 16 px grid cell is 2x2 patches, as a COCO object spans several
+    hidden: int = 64  # ViT width
+    layers: int = 2  # ViT depth; the VLM reads the last layer's features
+    heads: int = 4  # 16-dim heads
+
+    @property
+    def num_patches(self): return (self.image_size // self.patch_size) ** 2
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size: raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.hidden % self.heads: raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
+
+def vision_config(v: VisionTowerConfig = VisionTowerConfig()) -> CLIPVisionConfig:
+    "The `CLIPVisionConfig` of the tower: the one place its sizes become a `transformers` config."
+    return CLIPVisionConfig(hidden_size=v.hidden, intermediate_size=2 * v.hidden, num_hidden_layers=v.layers,
+                            num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size)
+
+def image_processor(v: VisionTowerConfig = VisionTowerConfig()):
+    "CLIP's image processor for the tower's image size (CLIP's normalisation): what CLIP and the VLM both see."
+    return _ImageProcessor(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size},
+                           do_resize=True, do_center_crop=True, do_convert_rgb=True)
+
+def to_rgb(img) -> Image.Image:
+    "An RGB PIL image from a PIL image of any mode (greyscale, RGBA, palette); a clear error for anything else."
+    if not isinstance(img, Image.Image): raise TypeError(f"expected a PIL image, got {type(img).__name__}: open files with PIL.Image.open first")
+    if img.mode == "RGB": return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (0, 0, 0))
+        bg.paste(rgba, mask=rgba.split()[-1])
+        return bg
+    return img.convert("RGB")
+
+# %% ../nbs/01_clip.ipynb 23
 @dataclass(frozen=True)
 class ClipTrainConfig:
     "The tiny CLIP and how it is trained; the cache key of the trained model."
     world: WorldConfig = WorldConfig()  # the world whose scenes and captions it learns from
-    model: LlavaModelConfig = LlavaModelConfig()  # the VLM whose vision tower sizes (image, patch, width, depth, heads) CLIP's must match
+    vision: VisionTowerConfig = VisionTowerConfig()  # the vision tower, the VLM's too
     text_hidden: int = 64  # text tower width: a 45-word vocabulary needs little
     text_layers: int = 2  # text tower depth: enough to bind a colour and a position to a shape
     text_heads: int = 4  # 16-dim heads
@@ -71,12 +114,12 @@ class ClipTrainConfig:
     seed: int = 0  # data and weights
 
     def __post_init__(self):
-        if self.world.image_size != self.model.image_size:
-            raise ValueError(f"the world renders {self.world.image_size} px images but the vision tower expects {self.model.image_size} px: make them equal")
+        if self.world.image_size != self.vision.image_size:
+            raise ValueError(f"the world renders {self.world.image_size} px images but the vision tower expects {self.vision.image_size} px: make them equal")
         if self.batch_size < 2: raise ValueError("a contrastive batch needs at least 2 pairs (batch_size >= 2)")
         if self.n_scenes < self.batch_size: raise ValueError(f"n_scenes={self.n_scenes} is smaller than one batch of {self.batch_size}")
 
-# %% ../nbs/01_clip.ipynb 26
+# %% ../nbs/01_clip.ipynb 27
 @functools.lru_cache(maxsize=None)
 def _tokenizer(wcfg): return build_tokenizer(wcfg)
 
@@ -108,14 +151,12 @@ def clip_text_inputs(texts: list, # captions or prompts in the world's words
 
 def clip_config(cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPConfig:
     "A `CLIPConfig` whose vision tower is the VLM's and whose text tower reads the world's words."
-    m, tok = cfg.model, _tokenizer(cfg.world)
-    vision = dict(hidden_size=m.vision_hidden, intermediate_size=2 * m.vision_hidden, num_hidden_layers=m.vision_layers,
-                  num_attention_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size)  # as in 02_llava's build_vlm
+    tok = _tokenizer(cfg.world)
     eot = clip_eot_id(cfg.world)
     text = dict(vocab_size=eot + 1, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden, num_hidden_layers=cfg.text_layers,
                 num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_text_len,
                 pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=eot)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim, logit_scale_init_value=cfg.logit_scale_init)
+    return CLIPConfig(text_config=text, vision_config=vision_config(cfg.vision).to_dict(), projection_dim=cfg.embed_dim, logit_scale_init_value=cfg.logit_scale_init)
 
 def build_clip(cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPModel:
     "A freshly initialised tiny `CLIPModel`."
@@ -125,9 +166,9 @@ def build_clip(cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPModel:
 def clip_pixel_values(images: list, cfg: ClipTrainConfig = ClipTrainConfig()) -> torch.Tensor:
     "[N, 3, H, W] pixels prepared exactly as the VLM's processor prepares them (same resize and normalisation)."
     if not len(images): raise ValueError("images is empty")
-    return build_processor(cfg.world, cfg.model).image_processor(images=[to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
+    return image_processor(cfg.vision)(images=[to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
 
-# %% ../nbs/01_clip.ipynb 31
+# %% ../nbs/01_clip.ipynb 32
 def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its training
                progress: bool = True, # show a progress bar
               ):
@@ -136,7 +177,9 @@ def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its tra
     scenes = sample_scenes(cfg.world, cfg.n_scenes, seed=cfg.seed)
     pixels = clip_pixel_values([render(s, cfg.world) for s in scenes], cfg)  # [N, 3, H, W], prepared once
     text = clip_text_inputs([caption(s, cfg.world) for s in scenes], cfg.world, cfg.max_text_len)  # [N, L]
-    B = cfg.batch_size; per_epoch = len(scenes) // B; steps = cfg.epochs * per_epoch
+    B = cfg.batch_size
+    per_epoch = len(scenes) // B
+    steps = cfg.epochs * per_epoch
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(len(scenes), generator=g)[: per_epoch * B] for _ in range(cfg.epochs)]).view(steps, B)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # weight matrices and embeddings
@@ -153,21 +196,20 @@ def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its tra
         loss = clip_loss(image_embeds, text_embeds, model.logit_scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         with torch.no_grad(): model.logit_scale.clamp_(max=cfg.max_logit_scale)  # CLIP's clip: scale <= 100
-        hist["loss"].append(loss.item()); hist["logit_scale"].append(model.logit_scale.item())
+        hist["loss"].append(loss.item())
+        hist["logit_scale"].append(model.logit_scale.item())
         if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}", scale=f"{math.exp(hist['logit_scale'][-1]):.1f}")
     hist["seconds"] = time.time() - t0
     return model.eval(), hist
 
-# %% ../nbs/01_clip.ipynb 33
-VISION_FIELDS = ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads")  # what CLIP takes from LlavaModelConfig
-
+# %% ../nbs/01_clip.ipynb 34
 def clip_cache_key(cfg: ClipTrainConfig) -> dict:
-    "The config as the cache sees it: of the VLM's sizes, only the vision tower's, so a change to its language model does not retrain CLIP."
-    d = asdict(cfg)
-    d["model"] = {k: d["model"][k] for k in VISION_FIELDS}
-    return d
+    "The config as the cache sees it: the whole recipe (the VLM's language model is not in it, so changing that never retrains CLIP)."
+    return asdict(cfg)
 
 def clip_model_path(cfg: ClipTrainConfig = None, progress: bool = True) -> Path:
     "The cached folder of the trained CLIP (`save_pretrained` files and `history.json`), trained on first use."
@@ -182,7 +224,8 @@ def clip_model(cfg: ClipTrainConfig = None, progress: bool = True) -> CLIPModel:
     "The trained tiny CLIP (trained once, then loaded from the cache), in eval mode."
     path = clip_model_path(cfg, progress)
     prev, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try: return CLIPModel.from_pretrained(path).eval()
     finally:
         hf_logging.set_verbosity(prev)
@@ -192,12 +235,13 @@ def clip_history(cfg: ClipTrainConfig = None) -> dict:
     "The training record of the cached CLIP: `loss` and `logit_scale` per step, and `seconds`."
     return json.loads((clip_model_path(cfg) / "history.json").read_text())
 
-# %% ../nbs/01_clip.ipynb 38
+# %% ../nbs/01_clip.ipynb 39
 @torch.no_grad()
 def embed_images(model: CLIPModel, images: list, cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
     "[N, embed_dim] unit-norm image embeddings of PIL images."
     cfg = cfg or ClipTrainConfig()
-    model.eval(); dev = next(model.parameters()).device
+    model.eval()
+    dev = next(model.parameters()).device
     out = [model.get_image_features(pixel_values=clip_pixel_values(images[i:i + batch_size], cfg).to(dev)).pooler_output
            for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(out), dim=-1)
@@ -206,7 +250,8 @@ def embed_images(model: CLIPModel, images: list, cfg: ClipTrainConfig = None, ba
 def embed_texts(model: CLIPModel, texts: list, cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
     "[N, embed_dim] unit-norm text embeddings of captions or prompts in the world's words."
     cfg = cfg or ClipTrainConfig()
-    model.eval(); dev = next(model.parameters()).device
+    model.eval()
+    dev = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
         enc = clip_text_inputs(texts[i:i + batch_size], cfg.world, cfg.max_text_len)
@@ -226,7 +271,7 @@ def retrieval_recall(sim: torch.Tensor, # [N, N] similarities, image i (row) mat
         out[f"t2i@{k}"] = (sim.T.topk(k, dim=1).indices == gt).any(1).float().mean().item()
     return out
 
-# %% ../nbs/01_clip.ipynb 46
+# %% ../nbs/01_clip.ipynb 47
 def object_prompts(wcfg: WorldConfig, shape: str = None, colour: str = None) -> list:
     "One-object captions that name `shape` and/or `colour`, in every cell (and every colour or shape left open)."
     shapes, colours = [shape] if shape else wcfg.shapes, [colour] if colour else wcfg.colours
@@ -247,7 +292,7 @@ def zero_shot_scores(model: CLIPModel, # a trained CLIP
         cols.append(image_embeds @ F.normalize(P.mean(0), dim=-1) if reduce == "mean" else (image_embeds @ P.T).max(1).values)
     return torch.stack(cols, 1)
 
-# %% ../nbs/01_clip.ipynb 60
+# %% ../nbs/01_clip.ipynb 61
 def clip_vision_state_dict(cfg: ClipTrainConfig = None) -> dict:
     "The trained CLIP vision tower's weights, keyed as `transformers`' `CLIPVisionModel` (the LLaVA vision tower) keys them."
     return {k: v.detach().clone() for k, v in clip_model(cfg).vision_model.state_dict().items()}

@@ -18,7 +18,9 @@ from PIL import Image
 
 from .world import (CAPTION_PROMPT, POPE_SPLITS, Scene, WorldConfig, caption, presence_question, render,
                              sample_scenes)
-from .llava import default_device, generate, load_vlm, to_rgb
+from .clip import to_rgb
+from .llava import answerer, default_device, generate, load_vlm
+from .registry import model_entry, models
 from .hallucination import (chair, evaluate_captions, evaluate_pope, find_objects, highlight_hallucinations,
                                      pope_answer, pope_metrics)
 
@@ -145,13 +147,13 @@ def answer_segments(text: str, # a model's answer
     return out
 
 # %% ../nbs/12_demo.ipynb 25
-def _default_left(): # the course's base model (02_llava), on the GPU when there is one
-    from vlmcourse.llava import base_vlm
-    return base_vlm(device=default_device())
+def _load_source(source):
+    "(model, processor) of a model of the course's registry by name ('base', 'oracle', 'aligned', ...), else of a checkpoint folder or Hub id."
+    if str(source) in models(): return load_vlm(model_entry(str(source)).path(), device=default_device())
+    return load_vlm(source)
 
-def _default_right(): # the course's best aligned model (07_preference)
-    from vlmcourse.preference import best_aligned_vlm
-    return best_aligned_vlm(device=default_device())
+def _default_left(): return _load_source("base")  # the course's base model (02_llava), on the GPU when there is one
+def _default_right(): return _load_source("aligned")  # the course's best aligned model (07_preference)
 
 class ModelSlot:
     "One side of the demo: a (model, processor) pair loaded on first use, replaceable, used by one request at a time."
@@ -186,7 +188,7 @@ class ModelSlot:
                 if self.source is None:
                     if self.default is None: raise ValueError("this side has no model: load a checkpoint folder or a Hub id")
                     self.pair = self.default()
-                else: self.pair = load_vlm(self.source)
+                else: self.pair = _load_source(self.source)
             return self.pair
 
     def load(self, source):
@@ -270,8 +272,8 @@ class SideBySide:
         for side, slot in self.slots.items():
             model, proc = slot.get()
             with slot.lock:
-                c = evaluate_captions(model, proc, scenes, self.cfg.world, progress=progress)
-                p = evaluate_pope(model, proc, scenes, self.cfg.world, split, progress=progress)
+                c = evaluate_captions(answerer(model, proc, progress=progress), scenes, self.cfg.world)
+                p = evaluate_pope(answerer(model, proc, progress=progress), scenes, self.cfg.world, split)
             rows[self.names()[side]] = {**{v: c[k] for k, v in CAPTION_METRICS.items()}, **{v: p[k] for k, v in POPE_METRICS.items()}}
         table = pd.DataFrame(rows).T.rename_axis("model").reset_index()
         return table, metrics_chart(table, f"{n} {kind} scenes, seed {seed}; POPE {split}")
@@ -292,12 +294,16 @@ class SideBySide:
 def metrics_chart(table: pd.DataFrame, title: str = "") -> Figure:
     "Grouped bars: one group per metric, one bar per model."
     metrics = [c for c in table.columns if c != "model"]
-    fig = Figure(figsize=(9, 3.2)); ax = fig.subplots()
+    fig = Figure(figsize=(9, 3.2))
+    ax = fig.subplots()
     w = 0.8 / len(table)
     for k, (_, row) in enumerate(table.iterrows()):
         ax.bar(np.arange(len(metrics)) + (k - (len(table) - 1) / 2) * w, [row[m] for m in metrics], w, label=row["model"])
     ax.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05); ax.set_title(title, fontsize=9); ax.legend(fontsize=8); fig.tight_layout()
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/12_demo.ipynb 32
@@ -397,11 +403,13 @@ def build_app(left=None, # None: the course's base model; or a checkpoint folder
                         batch_table = gr.Dataframe(label="metrics", interactive=False, elem_id="batch-table")
                         batch_plot = gr.Plot(label="metrics", elem_id="batch-plot")
                     with gr.Tab("Models", id="models"):
-                        gr.Markdown("Load a checkpoint folder (written by `save_vlm`) or a Hub model id on either side; leave it empty for the course's default.")
+                        gr.Markdown("Load one of the course's models by name, a checkpoint folder (written by `save_vlm`) or a Hub model id on either side; "
+                                    "leave it empty for the course's default. The course's models:\n\n"
+                                    + "\n".join(f"- `{e.name}` ({e.lesson}): {e.what}" for e in models().values()))
                         status = gr.Markdown(sbs.status(), elem_id="status")
                         with gr.Row():
-                            src_l = gr.Textbox(label="left model", placeholder="a checkpoint folder or Hub id", elem_id="source-left")
-                            src_r = gr.Textbox(label="right model", placeholder="a checkpoint folder or Hub id", elem_id="source-right")
+                            src_l = gr.Textbox(label="left model", placeholder="a course model (base, oracle, aligned, ...), a checkpoint folder or Hub id", elem_id="source-left")
+                            src_r = gr.Textbox(label="right model", placeholder="a course model (base, oracle, aligned, ...), a checkpoint folder or Hub id", elem_id="source-right")
                         with gr.Row():
                             load_l = gr.Button("Load left", elem_id="load-left")
                             load_r = gr.Button("Load right", elem_id="load-right")

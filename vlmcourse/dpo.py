@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .llava import sft_batch, to_rgb, train_loop
+from .clip import to_rgb
+from .llava import check_texts, epoch_batches, sft_batch, train_loop
 
 # %% auto 0
 __all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
@@ -66,10 +67,6 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, # [B] log pi(y_c|x): the chosen 
 def _turn(role, text, image=False):
     return [{"role": role, "content": ([{"type": "image", "text": None}] if image else []) + [{"type": "text", "text": text}]}]
 
-def _check_strings(xs, what):
-    if isinstance(xs, str): raise TypeError(f"{what} must be a list of strings, not one string")
-    for x in xs:
-        if not isinstance(x, str) or not x.strip(): raise ValueError(f"every entry of {what} must be a non-empty string, got {x!r}")
 
 def preference_dataset(images: list, # PIL images, one per pair
                        questions: list, # the user's question about each image
@@ -80,7 +77,7 @@ def preference_dataset(images: list, # PIL images, one per pair
     "Preference pairs as a `datasets.Dataset` in TRL's conversational vision format: `images`, `prompt`, `chosen`, `rejected` (and `source`)."
     from datasets import Dataset, Features, Image as HFImage, List, Value
     if isinstance(images, Image.Image): raise TypeError("images must be a list of PIL images, one per pair")
-    for xs, what in ((questions, "questions"), (chosen, "chosen"), (rejected, "rejected")): _check_strings(xs, what)
+    for xs, what in ((questions, "questions"), (chosen, "chosen"), (rejected, "rejected")): check_texts(xs, what)
     n = len(images)
     if not (len(questions) == len(chosen) == len(rejected) == n):
         raise ValueError(f"got {n} images, {len(questions)} questions, {len(chosen)} chosen and {len(rejected)} rejected answers: pass one of each per pair")
@@ -90,7 +87,7 @@ def preference_dataset(images: list, # PIL images, one per pair
     feats = {"images": List(HFImage()), "prompt": msg, "chosen": msg, "rejected": msg}
     if source is not None:
         if isinstance(source, str): source = [source] * n
-        _check_strings(source, "source")
+        check_texts(source, "source")
         if len(source) != n: raise ValueError(f"got {len(source)} sources for {n} pairs")
         cols["source"], feats["source"] = list(source), Value("string")
     return Dataset.from_dict(cols, features=Features(feats))
@@ -216,7 +213,8 @@ def dpo_train(model, # the policy, trained in place
     # The reference log-probabilities, once per pair
     ref = ref_model if ref_model is not None else model
     rparam = next(ref.parameters())
-    ref.eval(); ref_logps = torch.empty(2 * n)
+    ref.eval()
+    ref_logps = torch.empty(2 * n)
     with torch.no_grad():
         for i in tqdm(range(0, n, bs), desc="reference log-probs", disable=None if progress else True):
             idx = torch.arange(i, min(i + bs, n))
@@ -224,13 +222,10 @@ def dpo_train(model, # the policy, trained in place
             ref_logps[idx], ref_logps[idx + n] = lp.chunk(2)
     ref_seconds = time.time() - t0
     # Training: shuffled batches of pairs, the same order for the same seed
-    g = torch.Generator().manual_seed(cfg.seed)
-    perms = [torch.randperm(n, generator=g) for _ in range(cfg.epochs)]
-    per_epoch = math.ceil(n / bs)
+    steps, batch_index = epoch_batches(n, bs, cfg.epochs, cfg.seed)
     hist = {k: [] for k in ("dpo_loss", "sft_loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")}
     def make_batch(step):
-        e, k = divmod(step, per_epoch)
-        idx = perms[e][k * bs:(k + 1) * bs]
+        idx = batch_index(step)
         return dict(inputs=_to(_take(enc, idx, n), param.device, param.dtype), ref=ref_logps[torch.cat([idx, idx + n])].to(param.device),
                     lengths=lengths[torch.cat([idx, idx + n])].to(param.device))
     def loss_fn(model, batch):
@@ -243,6 +238,6 @@ def dpo_train(model, # the policy, trained in place
                      ("chosen_reward", cr.mean()), ("rejected_reward", rjr.mean())): hist[k].append(v.item())
         return loss
     torch.manual_seed(cfg.seed)
-    hist["loss"] = train_loop(model, make_batch, cfg.epochs * per_epoch, cfg.lr, cfg.warmup, cfg.clip_grad, desc="DPO", loss_fn=loss_fn, progress=progress)
-    hist.update(ref_seconds=ref_seconds, seconds=time.time() - t0, pairs=n, steps=cfg.epochs * per_epoch)
+    hist["loss"] = train_loop(model, make_batch, steps, cfg.lr, cfg.warmup, cfg.clip_grad, desc="DPO", loss_fn=loss_fn, progress=progress)
+    hist.update(ref_seconds=ref_seconds, seconds=time.time() - t0, pairs=n, steps=steps)
     return hist

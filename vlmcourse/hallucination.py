@@ -13,9 +13,8 @@ import numpy as np
 from .world import CAPTION_PROMPT, POPE_SPLITS, WorldConfig, caption, pope_probes, render, sample_scenes
 
 # %% auto 0
-__all__ = ['POPE_METRICS', 'EVAL_SEED', 'BASE_BAR', 'pope_answer', 'pope_metrics', 'Mention', 'plural', 'find_objects',
-           'highlight_hallucinations', 'chair', 'evaluate_captions', 'evaluate_pope', 'hallucination_report',
-           'base_figures', 'meets_bar']
+__all__ = ['POPE_METRICS', 'EVAL_SEED', 'BASE_BAR', 'pope_answer', 'pope_metrics', 'highlight_hallucinations', 'chair',
+           'evaluate_captions', 'evaluate_pope', 'hallucination_report', 'base_figures', 'meets_bar']
 
 # %% ../nbs/03_hallucination.ipynb 12
 _NEGATION = re.compile(r"\b(?:no|not)\b")
@@ -55,39 +54,7 @@ def pope_metrics(answers: list, # the model's free-text replies, one per probe
     return dict(zip(POPE_METRICS, values))
 
 # %% ../nbs/03_hallucination.ipynb 26
-class Mention(NamedTuple):
-    "One object word found in a text: the `word` as written, the `object` it names, and its span `text[start:end]`."
-    word: str
-    object: str
-    start: int
-    end: int
-
-def plural(word: str) -> str:
-    "The regular English plural of an object word: 'circle' -> 'circles', 'cross' -> 'crosses'."
-    return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")
-
-def _check_objects(objects):
-    if isinstance(objects, str) or not all(isinstance(o, str) for o in objects):
-        raise TypeError("objects must be a list of object words (strings), e.g. list(WorldConfig().shapes)")
-    objects = tuple(o.strip().lower() for o in objects)
-    if not objects or not all(objects): raise ValueError("objects must be a non-empty list of non-empty object words")
-    return objects
-
-@lru_cache(maxsize=32)
-def _object_regex(objects: tuple):
-    "A regex matching any form of any object as a whole word, and the map from form to object."
-    forms = {}
-    for o in objects: forms.setdefault(o, o); forms.setdefault(plural(o), o)
-    alts = sorted(forms, key=len, reverse=True)  # longest first, so 'crosses' wins over 'cross'
-    return re.compile(r"\b(?:" + "|".join(re.escape(f) for f in alts) + r")\b", re.IGNORECASE), forms
-
-def find_objects(text: str, # any text: a caption, an answer
-                 objects: list, # the object words to look for; plurals are found too
-                ) -> list:
-    "Every mention of an object word in `text`, as `Mention`s in order, matched as whole words, case-insensitively."
-    if not isinstance(text, str): raise TypeError(f"text must be a string, got {type(text).__name__}")
-    rx, forms = _object_regex(_check_objects(objects))
-    return [Mention(m.group(), forms[m.group().lower()], m.start(), m.end()) for m in rx.finditer(text)]
+from .world import Mention, find_objects, object_words, plural  # the course's one object matcher, from 00_world
 
 # %% ../nbs/03_hallucination.ipynb 28
 def _check_truth(truth, objects):
@@ -103,7 +70,7 @@ def highlight_hallucinations(text: str, # a caption or answer
                              objects: list, # the object words to look for
                             ) -> list:
     "The mentions in `text` of objects that are not in `truth`, with their character spans (for highlighting)."
-    objects = _check_objects(objects)
+    objects = object_words(objects)
     truth = _check_truth(truth, objects)
     return [m for m in find_objects(text, objects) if m.object not in truth]
 
@@ -113,7 +80,7 @@ def chair(captions: list, # generated captions, one per image
          ) -> dict:
     "CHAIR_s and CHAIR_i (Rohrbach et al. 2018), each object counted once per caption, with per-caption detail."
     if isinstance(captions, str): raise TypeError("captions must be a list of strings, not one string")
-    captions, truths, objects = list(captions), list(truths), _check_objects(objects)
+    captions, truths, objects = list(captions), list(truths), object_words(objects)
     if not captions: raise ValueError("no captions to score: pass at least one caption")
     if len(captions) != len(truths): raise ValueError(f"{len(captions)} captions but {len(truths)} truths: pass one set of objects per caption")
     per_caption = []
@@ -127,9 +94,6 @@ def chair(captions: list, # generated captions, one per image
                 chair_i=_ratio(n_hallucinated, n_mentions), per_caption=per_caption)
 
 # %% ../nbs/03_hallucination.ipynb 38
-from .llava import generate
-
-# %% ../nbs/03_hallucination.ipynb 39
 EVAL_SEED = 1000  # the seed of the evaluation scenes, far from the small seeds the training data are sampled with
 
 def _check_scenes(scenes):
@@ -137,15 +101,27 @@ def _check_scenes(scenes):
     if not scenes: raise ValueError("no scenes to evaluate: pass at least one, e.g. sample_scenes(wcfg, 100, kind='counter')")
     return scenes
 
-def evaluate_captions(model, processor, # a VLM and its processor, e.g. from `base_vlm()`
+def _check_answer(answer):
+    if hasattr(answer, "generate") and hasattr(answer, "parameters"):  # a model passed where its answering function belongs
+        raise TypeError("answer is a model, not an answering function: pass llava.answerer(model, processor)")
+    if not callable(answer): raise TypeError(f"answer must be a function answer(images, questions) -> replies, such as llava.answerer(model, processor); got {type(answer).__name__}")
+
+def _ask(answer, images, questions):
+    "The replies of an answering function, checked: one string per question."
+    _check_answer(answer)
+    replies = list(answer(images, questions))
+    if len(replies) != len(questions) or not all(isinstance(r, str) for r in replies):
+        raise ValueError(f"answer(images, questions) must return one string per question: {len(questions)} questions, got {len(replies)} replies")
+    return replies
+
+def evaluate_captions(answer, # answer(images, questions) -> replies: any model, e.g. `llava.answerer(model, processor)`
                       scenes: list, # the scenes to caption
                       wcfg: WorldConfig, # their world
-                      batch_size: int = 64, # images per generation batch
-                      progress: bool = False, # show a progress bar
                      ) -> dict:
     "CHAIR_s, CHAIR_i, exact-caption accuracy and object recall of the model's captions, with the captions."
+    _check_answer(answer)
     scenes = _check_scenes(scenes)
-    caps = generate(model, processor, [render(s, wcfg) for s in scenes], CAPTION_PROMPT, batch_size=batch_size, progress=progress)
+    caps = _ask(answer, [render(s, wcfg) for s in scenes], [CAPTION_PROMPT] * len(scenes))
     truths = [s.shapes for s in scenes]
     r = chair(caps, truths, wcfg.shapes)
     found = sum(len(set(p["mentioned"]) & t) for p, t in zip(r["per_caption"], truths))
@@ -153,41 +129,39 @@ def evaluate_captions(model, processor, # a VLM and its processor, e.g. from `ba
                 exact=float(np.mean([c == caption(s, wcfg) for c, s in zip(caps, scenes)])),
                 recall=found / sum(len(t) for t in truths), captions=caps, per_caption=r["per_caption"])
 
-def evaluate_pope(model, processor, # a VLM and its processor
+def evaluate_pope(answer, # answer(images, questions) -> replies
                   scenes: list, # the scenes to probe
                   wcfg: WorldConfig, # their world
                   split: str = "adversarial", # one of POPE_SPLITS: 'random', 'popular', 'adversarial'
-                  batch_size: int = 64, # probes per generation batch
-                  progress: bool = False, # show a progress bar
                  ) -> dict:
     "POPE's metrics (`pope_metrics`) of the model's replies to one split's probes about `scenes`, with the probes and replies."
+    _check_answer(answer)
     scenes = _check_scenes(scenes)
     probes = pope_probes(scenes, wcfg, split)
     images = [render(s, wcfg) for s in scenes]
-    answers = generate(model, processor, [images[p["scene_idx"]] for p in probes], [p["question"] for p in probes],
-                       max_new_tokens=4, batch_size=batch_size, progress=progress)  # a reply is 'yes .' or 'no .'
+    answers = _ask(answer, [images[p["scene_idx"]] for p in probes], [p["question"] for p in probes])
     return pope_metrics(answers, [p["label"] for p in probes]) | dict(probes=probes, answers=answers)
 
-def hallucination_report(model, processor, # a VLM and its processor
+def hallucination_report(answer, # answer(images, questions) -> replies
                          wcfg: WorldConfig, # the world to test it on
                          n: int = 200, # scenes of each kind
                          seed: int = EVAL_SEED, # the evaluation scenes
-                         progress: bool = False, # show a progress bar
                         ) -> dict:
     """CHAIR on `n` typical and `n` counter-prior scenes, POPE's three splits on the counter-prior ones: a flat dict
     with keys '{typical,counter}/{chair_s,chair_i,exact,recall}' and 'pope_{random,popular,adversarial}/{accuracy,...}'."""
+    _check_answer(answer)
     if n < 1: raise ValueError(f"n must be at least 1, got {n}")
     scenes = {kind: sample_scenes(wcfg, n, seed=seed, kind=kind) for kind in ("typical", "counter")}
     report = {}
     for kind, scs in scenes.items():
-        r = evaluate_captions(model, processor, scs, wcfg, progress=progress)
+        r = evaluate_captions(answer, scs, wcfg)
         report |= {f"{kind}/{k}": r[k] for k in ("chair_s", "chair_i", "exact", "recall")}
     for split in POPE_SPLITS:
-        r = evaluate_pope(model, processor, scenes["counter"], wcfg, split, progress=progress)
+        r = evaluate_pope(answer, scenes["counter"], wcfg, split)
         report |= {f"pope_{split}/{k}": r[k] for k in POPE_METRICS}
     return report
 
-# %% ../nbs/03_hallucination.ipynb 41
+# %% ../nbs/03_hallucination.ipynb 40
 import random
 from .world import questions
 
@@ -195,7 +169,7 @@ BASE_BAR = {"typical exact": (">=", 0.95), "typical POPE random": (">=", 0.95), 
             "typical POPE adversarial": (">=", 0.95), "typical colour": (">=", 0.95), "typical position": (">=", 0.95),
             "typical count": (">=", 0.95), "counter CHAIR_s": (">=", 0.20), "POPE gap": (">=", 0.10)}  # the base model's bar
 
-def base_figures(model, processor, # a VLM and its processor
+def base_figures(answer, # answer(images, questions) -> replies
                  wcfg: WorldConfig, # the biased world
                  n: int = 200, # scenes of each kind
                  seed: int = EVAL_SEED, # the evaluation scenes
@@ -204,20 +178,20 @@ def base_figures(model, processor, # a VLM and its processor
     splits, colour, position and count answers) and hallucinates on counter-prior ones (CHAIR, the share of invented
     objects that are the missing partner, POPE). 'POPE gap' is typical random accuracy minus counter adversarial."""
     typical, counter = (sample_scenes(wcfg, n, seed=seed, kind=k) for k in ("typical", "counter"))
-    out = {"typical exact": evaluate_captions(model, processor, typical, wcfg)["exact"]}
-    out |= {f"typical POPE {s}": evaluate_pope(model, processor, typical, wcfg, s)["accuracy"] for s in POPE_SPLITS}
+    out = {"typical exact": evaluate_captions(answer, typical, wcfg)["exact"]}
+    out |= {f"typical POPE {s}": evaluate_pope(answer, typical, wcfg, s)["accuracy"] for s in POPE_SPLITS}
     rng = random.Random(f"{seed}-attributes")
     asked = [(k, qa) for k, s in enumerate(typical) for qa in questions(s, wcfg, rng)[-3:]]  # colour, position, count of each scene
     images = [render(s, wcfg) for s in typical]
-    replies = generate(model, processor, [images[k] for k, _ in asked], [q for _, (q, _) in asked], max_new_tokens=6)
+    replies = _ask(answer, [images[k] for k, _ in asked], [q for _, (q, _) in asked])
     right = np.array([r == a for r, (_, (_, a)) in zip(replies, asked)]).reshape(len(typical), 3)
     out |= {f"typical {name}": float(right[:, j].mean()) for j, name in enumerate(("colour", "position", "count"))}
-    c = evaluate_captions(model, processor, counter, wcfg)
+    c = evaluate_captions(answer, counter, wcfg)
     out |= {"counter CHAIR_s": c["chair_s"], "counter CHAIR_i": c["chair_i"], "counter exact": c["exact"]}
     missing = [{wcfg.partner_of[s] for s in sc.shapes if s in wcfg.partner_of} - sc.shapes for sc in counter]
     invented = [(o, m) for m, pc in zip(missing, c["per_caption"]) for o in pc["hallucinated"]]
     out["partner share"] = float(np.mean([o in p for o, p in invented])) if invented else float("nan")
-    out |= {f"counter POPE {s}": evaluate_pope(model, processor, counter, wcfg, s)["accuracy"] for s in POPE_SPLITS}
+    out |= {f"counter POPE {s}": evaluate_pope(answer, counter, wcfg, s)["accuracy"] for s in POPE_SPLITS}
     out["POPE gap"] = out["typical POPE random"] - out["counter POPE adversarial"]
     return out
 

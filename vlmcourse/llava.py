@@ -12,35 +12,31 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig,
-                          LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+from transformers import (AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                           get_cosine_schedule_with_warmup)
 from transformers.utils import logging as hf_logging
 
-from .cache import cached_artifact
-from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, build_tokenizer, caption, questions, world_words,
-                             pope_probes, render, sample_scenes)
+from .cache import cached_artifact, write_atomically
+from .registry import ModelEntry, register
+from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, absent_mentions, build_tokenizer, caption, questions,
+                             world_words, pope_probes, render, sample_scenes)
+from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_vision_state_dict, image_processor, to_rgb,
+                            vision_config)
 
 # %% auto 0
-__all__ = ['PHASE_GRID', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 'to_rgb', 'text_prompt', 'answer_ids',
-           'pack_examples', 'sft_batch', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
-           'AlignmentBatches', 'train_base', 'generate', 'describe', 'save_vlm', 'default_device', 'load_vlm',
-           'mentioned_shapes', 'story_figures', 'tells_the_story', 'reads_the_world', 'training_key', 'base_vlm_path',
-           'base_vlm', 'oracle_vlm_path', 'oracle_vlm', 'phase_point', 'phase_table', 'plot_phase']
+__all__ = ['PHASE_GRID', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 'check_texts', 'text_prompt',
+           'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange', 'sft_batch', 'epoch_batches',
+           'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples', 'AlignmentBatches', 'text_stage',
+           'align_stage', 'train_base', 'generate', 'describe', 'answerer', 'save_vlm', 'default_device', 'load_vlm',
+           'story_figures', 'tells_the_story', 'reads_the_world', 'training_key', 'text_stage_vlm_path',
+           'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path', 'oracle_vlm', 'phase_point', 'phase_table',
+           'plot_phase']
 
-# %% ../nbs/02_llava.ipynb 5
-try: from transformers import CLIPImageProcessorPil as _ImageProcessor  # the PIL backend: no torchvision needed
-except ImportError: from transformers import CLIPImageProcessor as _ImageProcessor  # older transformers
-
-# %% ../nbs/02_llava.ipynb 7
+# %% ../nbs/02_llava.ipynb 6
 @dataclass(frozen=True)
 class LlavaModelConfig:
-    "Sizes of the tiny LLaVA: a CLIP ViT, an MLP projector and a Llama decoder."
-    image_size: int = 32  # the world's image size: no resizing, every pixel counts
-    patch_size: int = 8  # 16 patches; a 16 px grid cell is 2x2 patches, as a COCO object spans several
-    vision_hidden: int = 64  # ViT width
-    vision_layers: int = 2  # ViT depth; we read the last layer's patch features
-    vision_heads: int = 4  # 16-dim heads
+    "Sizes of the tiny LLaVA: 01_clip's ViT, an MLP projector and a Llama decoder."
+    vision: VisionTowerConfig = VisionTowerConfig()  # the vision tower: 01_clip's, so that its trained weights load as they are
     vision_feature_select: str = "full"  # 'full' keeps CLIP's CLS token, a summary of the whole image that "is there a ...?" reads; LLaVA-1.5 drops it ('default')
     text_hidden: int = 64  # decoder width (the projector maps vision_hidden -> text_hidden)
     text_layers: int = 2  # decoder depth: enough to learn the world's grammar and its co-occurrence prior
@@ -49,25 +45,25 @@ class LlavaModelConfig:
     tie_embeddings: bool = False  # separate input and output word embeddings, as in LLaVA-1.5's Llama
 
     @property
+    def image_size(self): return self.vision.image_size
+
+    @property
     def num_image_tokens(self):
         "Image placeholders per image: one per patch, plus the CLS token with 'full'."
-        return (self.image_size // self.patch_size) ** 2 + (self.vision_feature_select == "full")
+        return self.vision.num_patches + (self.vision_feature_select == "full")
 
     def __post_init__(self):
-        if self.image_size % self.patch_size: raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(f"vision_feature_select must be 'default' (drop CLS) or 'full' (keep it), not {self.vision_feature_select!r}")
 
-# %% ../nbs/02_llava.ipynb 9
+# %% ../nbs/02_llava.ipynb 8
 def build_processor(wcfg: WorldConfig, # the world whose words the tokenizer knows
                     mcfg: LlavaModelConfig = LlavaModelConfig(), # the model the images are prepared for
                    ) -> LlavaProcessor:
     "A `LlavaProcessor` built locally: the world's word-level tokenizer and a CLIP image processor."
     if wcfg.image_size != mcfg.image_size: raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {mcfg.image_size} px: make them equal")
     tok = build_tokenizer(wcfg)
-    ip = _ImageProcessor(size={"shortest_edge": mcfg.image_size}, crop_size={"height": mcfg.image_size, "width": mcfg.image_size},
-                         do_resize=True, do_center_crop=True, do_convert_rgb=True)
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=mcfg.patch_size, vision_feature_select_strategy=mcfg.vision_feature_select,
+    return LlavaProcessor(image_processor=image_processor(mcfg.vision), tokenizer=tok, patch_size=mcfg.vision.patch_size, vision_feature_select_strategy=mcfg.vision_feature_select,
                           num_additional_image_tokens=1, chat_template=tok.chat_template)
 
 def chat_prompt(processor, question: str) -> str:
@@ -75,15 +71,14 @@ def chat_prompt(processor, question: str) -> str:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True)
 
-# %% ../nbs/02_llava.ipynb 12
+# %% ../nbs/02_llava.ipynb 11
 def build_vlm(processor, # from `build_processor`: gives the vocabulary and the special token ids
               mcfg: LlavaModelConfig = LlavaModelConfig(), # sizes
               seed: int = 0, # initial weights
              ) -> LlavaForConditionalGeneration:
     "A freshly initialised tiny LLaVA."
     tok = processor.tokenizer
-    vis = CLIPVisionConfig(hidden_size=mcfg.vision_hidden, intermediate_size=2 * mcfg.vision_hidden, num_hidden_layers=mcfg.vision_layers,
-                           num_attention_heads=mcfg.vision_heads, image_size=mcfg.image_size, patch_size=mcfg.patch_size)
+    vis = vision_config(mcfg.vision)  # 01_clip's tower
     txt = LlamaConfig(vocab_size=len(tok), hidden_size=mcfg.text_hidden, intermediate_size=3 * mcfg.text_hidden,
                       num_hidden_layers=mcfg.text_layers, num_attention_heads=mcfg.text_heads, num_key_value_heads=mcfg.text_heads,
                       max_position_embeddings=mcfg.max_positions, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -96,21 +91,12 @@ def build_vlm(processor, # from `build_processor`: gives the vocabulary and the 
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model
 
-# %% ../nbs/02_llava.ipynb 15
-def _check_texts(texts, what):
+# %% ../nbs/02_llava.ipynb 14
+def check_texts(texts, what: str):
+    "A clear error unless `texts` is a list of non-empty strings (`what` names it in the message)."
     if isinstance(texts, str): raise TypeError(f"{what} must be a list of strings, not one string")
     for t in texts:
-        if not isinstance(t, str) or not t.strip(): raise ValueError(f"every {what[:-1] if what.endswith('s') else what} must be a non-empty string, got {t!r}")
-
-def to_rgb(img) -> Image.Image:
-    "An RGB PIL image from a PIL image of any mode (greyscale, RGBA, palette); a clear error for anything else."
-    if not isinstance(img, Image.Image): raise TypeError(f"expected a PIL image, got {type(img).__name__}: open files with PIL.Image.open first")
-    if img.mode == "RGB": return img
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        bg = Image.new("RGB", img.size, (0, 0, 0))
-        bg.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-        return bg
-    return img.convert("RGB")
+        if not isinstance(t, str) or not t.strip(): raise ValueError(f"every entry of {what} must be a non-empty string, got {t!r}")
 
 def text_prompt(tokenizer, question: str) -> str:
     "The generation prompt for a question with no image, rendered by the tokenizer's chat template."
@@ -135,27 +121,59 @@ def pack_examples(pairs: list, # (prompt ids, answer ids) per example, tokenised
         out["labels"][r, len(p):n] = torch.tensor(a)
     return out
 
-def sft_batch(processor, # a LLaVA-style processor
+def template_closes_turns(processor) -> bool:
+    "Whether the chat template ends an assistant turn with the end-of-sequence token (Qwen2-VL's, SmolVLM's and Vicuna's do; LLaVA-1.5's and the course's do not)."
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    return processor.apply_chat_template(msgs, tokenize=False).rstrip().endswith(processor.tokenizer.eos_token)
+
+def split_exchange(processor, question: str, answer: str) -> tuple:
+    """(prompt, completion): the chat template's text of one image-question-answer exchange, cut where TRL cuts it (after
+    the longest common prefix of the generation prompt and the whole exchange). A template that does not close the
+    assistant's turn gets the end-of-sequence token after the answer, so that the model learns to stop."""
+    if not template_closes_turns(processor): answer = f"{answer} {processor.tokenizer.eos_token}"
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    n = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+    return full[:n], full[n:]
+
+def sft_batch(processor, # a VLM's processor (LLaVA, Qwen2-VL, Idefics3, InstructBLIP, ...)
               images, # PIL images, or None for text-only examples
               questions: list, # the user's text, one per example
-              answers: list, # the assistant's reply, one per example; an end-of-sequence token is appended
+              answers: list, # the assistant's reply, one per example, closed as the chat template closes a turn (else by the end-of-sequence token)
              ) -> dict:
     "Model inputs with `labels` that score the answers only (prompt and padding are -100), padded on the right."
-    _check_texts(questions, "questions")
-    _check_texts(answers, "answers")
+    check_texts(questions, "questions")
+    check_texts(answers, "answers")
     if len(questions) != len(answers): raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     tok = processor.tokenizer
     if images is None: enc = tok([text_prompt(tok, q) for q in questions], return_tensors="pt", padding=True, padding_side="right")
     else:
         if len(images) != len(questions): raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        enc = processor(text=[chat_prompt(processor, q) for q in questions], images=[to_rgb(i) for i in images],
+        split = [split_exchange(processor, q, a) for q, a in zip(questions, answers)]  # the template's text before and after each answer
+        enc = processor(text=[p for p, _ in split], images=[to_rgb(i) for i in images],
                         return_tensors="pt", padding=True, padding_side="right")  # the one processor pass: prompts and images
     prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]  # [B] lists, padding dropped
-    batch = pack_examples(list(zip(prompts, answer_ids(tok, answers))), tok.pad_token_id)  # prompt and answer tokenised apart
+    completions = answer_ids(tok, answers) if images is None else tok([c for _, c in split], add_special_tokens=False)["input_ids"]
+    batch = pack_examples(list(zip(prompts, completions)), tok.pad_token_id)  # prompt and answer tokenised apart, as TRL does
     batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")})  # pixel_values
     return batch
 
-# %% ../nbs/02_llava.ipynb 18
+# %% ../nbs/02_llava.ipynb 17
+def epoch_batches(n: int, # examples
+                  batch_size: int,
+                  epochs: int, # passes over the examples, each in a new order
+                  seed: int, # the orders: the same seed gives the same batches
+                 ):
+    "Shuffled mini-batches over several epochs: (steps, index) where index(step) is the LongTensor of that step's examples."
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=g) for _ in range(epochs)]
+    per_epoch = math.ceil(n / batch_size)
+    def index(step):
+        e, k = divmod(step, per_epoch)
+        return perms[e][k * batch_size:(k + 1) * batch_size]
+    return epochs * per_epoch, index
+
 def train_loop(model, # the model to train in place
                make_batch, # make_batch(step) -> a dict of model inputs with `labels`
                steps: int, # optimiser steps
@@ -174,20 +192,23 @@ def train_loop(model, # the model to train in place
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, int(warmup * steps), steps)
-    model.train(); losses = []
+    model.train()
+    losses = []
     bar = tqdm(range(steps), desc=desc, disable=None if progress else True, mininterval=1.0)
     for step in bar:
         batch = make_batch(step)
         loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 50 == 0: bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
     model.eval()
     return losses
 
-# %% ../nbs/02_llava.ipynb 20
+# %% ../nbs/02_llava.ipynb 19
 @dataclass(frozen=True)
 class BaseTrainConfig:
     "How the base model is trained; the cache key of the base model."
@@ -220,7 +241,7 @@ def oracle_config(tcfg: BaseTrainConfig = BaseTrainConfig()) -> BaseTrainConfig:
     "The same recipe on a world without the prior (its partners independent): the floor every alignment is measured against."
     return replace(tcfg, world=replace(tcfg.world, partners=()))
 
-# %% ../nbs/02_llava.ipynb 21
+# %% ../nbs/02_llava.ipynb 20
 def stage2_examples(tcfg: BaseTrainConfig, n: int, seed: int) -> list:
     "`n` (scene, question, answer) examples, a fresh scene each: a caption, a presence question or a colour, position or count question."
     rng = random.Random(f"stage2-{seed}")
@@ -256,47 +277,63 @@ def _batch_stream(ds, workers: int):
     it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=8) if workers else (ds[k] for k in range(len(ds))))
     return lambda step: next(it)
 
+def text_stage(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its world, sizes, stage-1 captions and rate
+               progress: bool = True,
+              ):
+    "Stage 1 alone: a fresh LLaVA (its vision tower from 01_clip's CLIP) whose language model reads the biased world's captions; (model, processor, losses)."
+    torch.manual_seed(tcfg.seed)
+    proc = build_processor(tcfg.world, tcfg.model)
+    model = build_vlm(proc, tcfg.model, seed=tcfg.seed)
+    if tcfg.clip_init:
+        sd = clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, vision=tcfg.model.vision))
+        try: model.model.vision_tower.load_state_dict(sd, strict=True)
+        except RuntimeError as e: raise ValueError(f"the trained CLIP vision tower does not fit this LLaVA's vision config: {str(e).splitlines()[0]}") from None
+    tok, B = proc.tokenizer, tcfg.batch_size
+    caps = [caption(s, tcfg.world) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]  # tokenised once
+    prompt = tok(text_prompt(tok, CAPTION_PROMPT))["input_ids"]
+    pairs = [(prompt, a) for a in answer_ids(tok, caps)]
+    losses = train_loop(model, lambda k: pack_examples(pairs[k * B:(k + 1) * B], tok.pad_token_id), len(pairs) // B,
+                        tcfg.stage1_lr, tcfg.warmup, tcfg.clip_grad, desc="stage 1: text only", progress=progress)
+    return model, proc, losses
+
+def align_stage(model, processor, # the model after `text_stage`, trained in place, and its processor
+                tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its alignment data, steps and rates
+                progress: bool = True,
+                steps: int = None, # default: `tcfg.stage2_steps`
+                params=None, # parameters or AdamW groups to train; default: the language model at `stage2_lm_lr_scale` of the rate
+                loss_fn=None, # loss_fn(model, batch) -> scalar; default: the model's own (answer tokens only)
+                workers: int = 1, # processes that prepare batches beside training (0: in line)
+               ) -> list:
+    "Stage 2 alone: image-text alignment on the recipe's questions and captions; returns the loss at every step."
+    steps, B = steps or tcfg.stage2_steps, tcfg.batch_size
+    ds = AlignmentBatches(processor, tcfg.world, stage2_examples(tcfg, steps * B, seed=tcfg.seed + 2), B)
+    if params is None:
+        lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
+        params = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": tcfg.stage2_lr * tcfg.stage2_lm_lr_scale},
+                  {"params": [p for p in model.parameters() if id(p) not in lm]}]  # the vision tower and the projector at the full rate
+    return train_loop(model, _batch_stream(ds, workers), steps, tcfg.stage2_lr, tcfg.warmup, tcfg.clip_grad,
+                      params=params, loss_fn=loss_fn, desc="stage 2: image-text", progress=progress)
+
 def train_base(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe
                progress: bool = True, # progress bars
                threads: int = 1, # torch threads for the training itself (the weights differ in the last bits with another count)
                workers: int = 1, # processes that prepare stage-2 batches beside training (0: prepare them in line)
               ):
-    "Train the base model in two stages; returns (model, processor, history)."
+    "Train the base model in two stages (`text_stage`, then `align_stage`); returns (model, processor, history)."
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try: return _train_base(tcfg, progress, workers)
+    try:
+        t0 = time.time()
+        model, proc, stage1 = text_stage(tcfg, progress)
+        hist = {"stage1": stage1, "stage1_seconds": time.time() - t0}
+        hist["stage2"] = align_stage(model, proc, tcfg, progress, workers=workers)
+        hist["seconds"] = time.time() - t0
+        hist["stage2_seconds"] = hist["seconds"] - hist["stage1_seconds"]
+        return model, proc, hist
     finally: torch.set_num_threads(old)
 
-def _train_base(tcfg, progress, workers):
-    torch.manual_seed(tcfg.seed)
-    proc = build_processor(tcfg.world, tcfg.model)
-    model = build_vlm(proc, tcfg.model, seed=tcfg.seed)
-    if tcfg.clip_init:
-        from vlmcourse.clip import ClipTrainConfig, clip_vision_state_dict  # 01_clip's trained vision tower
-        sd = clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, model=tcfg.model))
-        try: model.model.vision_tower.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise ValueError(f"the trained CLIP vision tower does not fit this LLaVA's vision config: {str(e).splitlines()[0]}") from None
-    B, hist, t0 = tcfg.batch_size, {}, time.time()
-    tok = proc.tokenizer
-    # Stage 1: text only, many captions from the biased world, tokenised once
-    caps = [caption(s, tcfg.world) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]
-    prompt = tok(text_prompt(tok, CAPTION_PROMPT))["input_ids"]
-    pairs = [(prompt, a) for a in answer_ids(tok, caps)]
-    hist["stage1"] = train_loop(model, lambda k: pack_examples(pairs[k * B:(k + 1) * B], tok.pad_token_id), len(pairs) // B,
-                                tcfg.stage1_lr, tcfg.warmup, tcfg.clip_grad, desc="stage 1: text only", progress=progress)
-    hist["stage1_seconds"] = time.time() - t0
-    # Stage 2: image-text alignment on fewer examples
-    ds = AlignmentBatches(proc, tcfg.world, stage2_examples(tcfg, tcfg.stage2_steps * B, seed=tcfg.seed + 2), B)
-    lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": tcfg.stage2_lr * tcfg.stage2_lm_lr_scale},
-              {"params": [p for p in model.parameters() if id(p) not in lm]}]  # the vision tower and the projector at the full rate
-    hist["stage2"] = train_loop(model, _batch_stream(ds, workers), tcfg.stage2_steps, tcfg.stage2_lr, tcfg.warmup, tcfg.clip_grad,
-                                params=groups, desc="stage 2: image-text", progress=progress)
-    hist["seconds"] = time.time() - t0
-    hist["stage2_seconds"] = hist["seconds"] - hist["stage1_seconds"]
-    return model, proc, hist
 
-# %% ../nbs/02_llava.ipynb 25
+# %% ../nbs/02_llava.ipynb 24
 @torch.no_grad()
 def generate(model, processor,
              images: list, # PIL images
@@ -308,11 +345,13 @@ def generate(model, processor,
     "Greedy answers of `model` to `questions` about `images`, as stripped strings."
     if isinstance(images, Image.Image): images = [images]
     if isinstance(questions, str): questions = [questions] * len(images)
-    _check_texts(questions, "questions")
+    check_texts(questions, "questions")
     if len(images) != len(questions): raise ValueError(f"{len(images)} images but {len(questions)} questions")
     images = [to_rgb(i) for i in images]
     tok = processor.tokenizer
-    model.eval(); dev = next(model.parameters()).device; dtype = next(model.parameters()).dtype
+    model.eval()
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     outs = []
     for i in tqdm(range(0, len(images), batch_size), disable=None if progress else True, desc="generate"):
         enc = processor(images=images[i:i + batch_size], text=[chat_prompt(processor, q) for q in questions[i:i + batch_size]],
@@ -326,20 +365,21 @@ def describe(model, processor, images, **kw) -> list:
     "Captions: the answers to the course's caption prompt."
     return generate(model, processor, images, CAPTION_PROMPT, **kw)
 
-# %% ../nbs/02_llava.ipynb 29
-def save_vlm(model, processor, path) -> Path:
-    "Save model and processor to `path` atomically (written next to it, then renamed into place)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp); processor.save_pretrained(tmp)
-        old = None
-        if path.exists(): old = path.with_name(f".{path.name}.old-{os.getpid()}"); os.replace(path, old)
-        os.replace(tmp, path)
-        if old: shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    return path
+def answerer(model, processor, **generate_kw):
+    "The model as an answering function, `answer(images, questions) -> replies`: what `03_hallucination`'s yardstick scores."
+    def answer(images: list, questions: list) -> list: return generate(model, processor, images, questions, **generate_kw)
+    return answer
+
+# %% ../nbs/02_llava.ipynb 28
+def save_vlm(model, processor, path,
+             history: dict = None, # written beside them as history.json (a training record), when given
+            ) -> Path:
+    "Save model and processor (and a training record) to `path` atomically: written next to it, then renamed into place."
+    def write(folder):
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        if history is not None: (folder / "history.json").write_text(json.dumps(history))
+    return write_atomically(path, write)
 
 def default_device() -> str: return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -356,24 +396,24 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
         if not p.is_dir(): raise FileNotFoundError(f"no checkpoint folder at {p}: train one with `vlmcourse train`, or pass a folder written by save_vlm")
         if not (p / "config.json").exists(): raise ValueError(f"{p} is not a model checkpoint (no config.json): pass a folder written by save_vlm or save_pretrained")
     try:
-        prev = hf_logging.get_verbosity(); hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+        prev = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         try:
             processor = AutoProcessor.from_pretrained(str(p) if local else path_or_id)
             model = AutoModelForImageTextToText.from_pretrained(str(p) if local else path_or_id, dtype=dtype)
-        finally: hf_logging.set_verbosity(prev); hf_logging.enable_progress_bar()
+        finally:
+            hf_logging.set_verbosity(prev)
+            hf_logging.enable_progress_bar()
     except Exception as e:  # a truncated file, a bad header, a wrong config: each library raises its own type
         if local: raise ValueError(f"the checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and save or train it again") from None
         raise ValueError(f"could not load {path_or_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          "check the id, and that this machine is online with HF_HUB_OFFLINE unset") from None
+    if getattr(processor, "chat_template", None) is None and getattr(getattr(processor, "tokenizer", None), "chat_template", None):
+        processor.chat_template = processor.tokenizer.chat_template  # InstructBLIP's processor drops its template on loading; its tokenizer keeps it
     return model.to(device).eval(), processor
 
-# %% ../nbs/02_llava.ipynb 34
-def mentioned_shapes(text: str, wcfg: WorldConfig) -> set:
-    "The world's shapes named in a text (a quick check; `03_hallucination` has the full CHAIR matcher)."
-    words = set(text.replace(".", " ").split())
-    return {s for s in wcfg.shapes if s in words or s + "s" in words or s + "es" in words}
-
-# %% ../nbs/02_llava.ipynb 35
+# %% ../nbs/02_llava.ipynb 33
 def story_figures(model, processor, # a VLM and its processor
                   wcfg: WorldConfig, # the biased world
                   n: int = 100, # scenes of each kind
@@ -390,7 +430,7 @@ def story_figures(model, processor, # a VLM and its processor
         replies = generate(model, processor, [images[kind][p["scene_idx"]] for p in probes], [p["question"] for p in probes], max_new_tokens=4)
         out[f"{kind} presence"] = float(np.mean([r.split(" ")[0] == p["label"] for r, p in zip(replies, probes)]))
     caps = describe(model, processor, images["counter"])
-    out["counter hallucinated"] = float(np.mean([bool(mentioned_shapes(c, wcfg) - s.shapes) for c, s in zip(caps, counter)]))
+    out["counter hallucinated"] = float(np.mean([bool(absent_mentions(c, s, wcfg)) for c, s in zip(caps, counter)]))  # CHAIR_s
     return out
 
 def tells_the_story(f: dict) -> bool:
@@ -403,13 +443,11 @@ def reads_the_world(f: dict) -> bool:
     return f["typical exact"] >= 0.95 and f["typical presence"] >= 0.95
 
 
-# %% ../nbs/02_llava.ipynb 37
+# %% ../nbs/02_llava.ipynb 35
 def training_key(tcfg: BaseTrainConfig) -> dict:
     "What a model trained by `train_base(tcfg)` depends on: its recipe, the tokenizer's words and chat template, and CLIP's config."
     key = {"train": tcfg, "words": world_words(tcfg.world), "special_tokens": SPECIAL_TOKENS, "chat_template": CHAT_TEMPLATE}
-    if tcfg.clip_init:
-        from vlmcourse.clip import ClipTrainConfig, clip_cache_key  # 01_clip's tower; imported here, as `train_base` does
-        key["clip"] = clip_cache_key(ClipTrainConfig(world=tcfg.world, model=tcfg.model))
+    if tcfg.clip_init: key["clip"] = clip_cache_key(ClipTrainConfig(world=tcfg.world, vision=tcfg.model.vision))
     return key
 
 def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig, check, progress: bool) -> Path:
@@ -423,13 +461,25 @@ def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig
             if tries[-1]["passes"]: break
             print(f"{name}, seed {tcfg.seed + k}: does not pass {check.__name__} ({', '.join(f'{k_} {v:.2f}' for k_, v in f.items())})"
                   + ("; training the next seed" if k + 1 < tcfg.seed_tries else "; keeping it, the last try"))
-        model.save_pretrained(folder)
-        proc.save_pretrained(folder)
-        (folder / "history.json").write_text(json.dumps({
+        save_vlm(model, proc, folder, history={
             "seconds": hist["seconds"], "stage1_seconds": hist["stage1_seconds"], "stage2_seconds": hist["stage2_seconds"],
             "stage1_final": float(np.mean(hist["stage1"][-20:])), "stage2_final": float(np.mean(hist["stage2"][-50:])),
-            "stage2": hist["stage2"][::10], "tries": tries}))
+            "stage2": hist["stage2"][::10], "tries": tries})
     return cached_artifact(name, training_key(tcfg), build)
+
+def text_stage_vlm_path(tcfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> Path:
+    "The cached checkpoint folder of the model after `text_stage` alone: where later lessons start their own alignment stage."
+    def build(folder):
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)  # as `train_base` trains it
+        try: model, proc, losses = text_stage(tcfg, progress)
+        finally: torch.set_num_threads(old)
+        save_vlm(model, proc, folder, history={"stage1": losses[::10]})
+    return cached_artifact("llava-text-stage", training_key(tcfg), build)
+
+def text_stage_vlm(tcfg: BaseTrainConfig = BaseTrainConfig(), device: str = None, progress: bool = True):
+    "(model, processor) after the base recipe's text-only stage: the language model knows the prior, the projector nothing yet."
+    return load_vlm(text_stage_vlm_path(tcfg, progress), device=device or "cpu")
 
 def base_vlm_path(tcfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> Path:
     "The cached checkpoint folder of the base model (trained on first use)."
@@ -447,7 +497,12 @@ def oracle_vlm(tcfg: BaseTrainConfig = BaseTrainConfig(), device: str = None, pr
     "(model, processor) of the oracle, the floor of hallucination that alignment is measured against: trained once, then cached."
     return load_vlm(oracle_vlm_path(tcfg, progress), device=device or "cpu")
 
-# %% ../nbs/02_llava.ipynb 51
+register(ModelEntry("base", "the base model: exact on typical scenes, names the missing partner on counter-prior ones", "02_llava",
+                    "vlmcourse.llava:base_vlm_path"))
+register(ModelEntry("oracle", "the same recipe on a world without the prior: the floor alignment is measured against", "02_llava",
+                    "vlmcourse.llava:oracle_vlm_path"))
+
+# %% ../nbs/02_llava.ipynb 55
 PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))  # the diagram's cells; the course's recipe is (1.0, 0.21)
 
 def phase_point(align_prior: float, # P(partner | object) in the alignment data
@@ -465,7 +520,7 @@ def phase_point(align_prior: float, # P(partner | object) in the alignment data
     typ, ctr = (sample_scenes(w, n, seed=99, kind=k) for k in ("typical", "counter"))
     ct, cc = describe(m, p, [render(s, w) for s in typ]), describe(m, p, [render(s, w) for s in ctr])
     return dict(align_prior=align_prior, stage1_ratio=stage1_ratio, seed=seed,
-                counter_chair_s=float(np.mean([bool(mentioned_shapes(c, w) - s.shapes) for c, s in zip(cc, ctr)])),
+                counter_chair_s=float(np.mean([bool(absent_mentions(c, s, w)) for c, s in zip(cc, ctr)])),
                 typical_exact=float(np.mean([c == caption(s, w) for c, s in zip(ct, typ)])))
 
 def phase_table(points: list):

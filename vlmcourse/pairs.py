@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from .world import (CAPTION_PROMPT, Scene, ShapeObject, WorldConfig, caption, presence_question, render,
                              sample_scene)
-from .llava import chat_prompt, to_rgb
+from .clip import to_rgb
+from .llava import chat_prompt
 
 # %% auto 0
 __all__ = ['NOISE_STEPS', 'NEGATIVE_DECODERS', 'INJECTIONS', 'REWRITE_INSTRUCTION', 'SEVA_AUGMENTATIONS', 'PAIR_SOURCES',
@@ -29,11 +30,11 @@ __all__ = ['NOISE_STEPS', 'NEGATIVE_DECODERS', 'INJECTIONS', 'REWRITE_INSTRUCTIO
 NOISE_STEPS = 1000  # BPO, SeVa and VCD all use a 1000-step schedule; a noise step t is an index 0..999
 
 def noise_schedule(num_steps: int = NOISE_STEPS, # length of the schedule
-                   beta_start: float = 1e-5, # the first beta
-                   beta_end: float = 5e-3, # the last beta
+                   noise_start: float = 1e-5, # the first step's noise variance beta_1
+                   noise_end: float = 5e-3, # the last step's noise variance
                   ) -> tuple:
     "(betas, abar): VCD's sigmoid ramp of betas and the cumulative products abar_t = prod_{s<=t} (1 - beta_s)."
-    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (noise_end - noise_start) + noise_start
     return betas, torch.cumprod(1 - betas, 0)
 
 def add_diffusion_noise(x: torch.Tensor, # images as the vision tower reads them, e.g. [B, 3, H, W] normalised pixels
@@ -74,13 +75,13 @@ def clean_view(pixels): return pixels  # the image as it is
 def contrastive_logits(logits: torch.Tensor, # [B, V] next-token logits of the primary input
                        logits_contrast: torch.Tensor, # [B, V] those of the contrast input
                        alpha: float = 1.0, # how hard to push away from the contrast (BPO's default 1)
-                       beta: float = 0.2, # plausibility cut-off: keep tokens with p >= beta * max p (BPO's default 0.2)
+                       cutoff: float = 0.2, # plausibility cut-off (the papers' beta): keep tokens with p >= cutoff * max p (BPO's default 0.2)
                       ) -> torch.Tensor:
     "VCD's rule: (1 + alpha) logits - alpha logits_contrast, with implausible tokens (under `logits`) set to -inf."
     out = (1 + alpha) * logits - alpha * logits_contrast
-    if beta > 0:
-        cutoff = math.log(beta) + logits.max(-1, keepdim=True).values
-        out = out.masked_fill(logits < cutoff, float("-inf"))
+    if cutoff > 0:
+        floor = math.log(cutoff) + logits.max(-1, keepdim=True).values
+        out = out.masked_fill(logits < floor, float("-inf"))
     return out
 
 # %% ../nbs/06_pairs.ipynb 24
@@ -96,7 +97,7 @@ def decode(model, processor,
            view: Callable = None, # pixels -> pixels for the primary input (e.g. `noise_view(500)`); default: the clean image
            contrast: Callable = None, # pixels -> pixels for a contrast input; None: plain greedy decoding
            alpha: float = 1.0, # contrastive strength
-           beta: float = 0.2, # plausibility cut-off
+           cutoff: float = 0.2, # plausibility cut-off
            max_new_tokens: int = 40, # a 3-object caption is 27 tokens
            batch_size: int = 64, # images per batch (the contrast doubles the forward batch)
            progress: bool = False,
@@ -105,17 +106,19 @@ def decode(model, processor,
     if isinstance(images, Image.Image): images = [images]
     if isinstance(questions, str): questions = [questions] * len(images)
     if len(images) != len(questions): raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if alpha < 0 or not 0 <= beta <= 1: raise ValueError(f"need alpha >= 0 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
+    if alpha < 0 or not 0 <= cutoff <= 1: raise ValueError(f"need alpha >= 0 and 0 <= cutoff <= 1, got alpha={alpha}, cutoff={cutoff}")
     tok, dev = processor.tokenizer, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    model.eval(); outs = []
+    model.eval()
+    outs = []
     for i in tqdm(range(0, len(images), batch_size), disable=None if progress else True, desc="decode"):
         enc = _encode(processor, images[i:i + batch_size], questions[i:i + batch_size])
         px = enc["pixel_values"]
         ids, mask = enc["input_ids"], enc["attention_mask"]
         px = (view or clean_view)(px)
         if contrast is not None:  # primary rows first, contrast rows after: one forward pass for both
-            px = torch.cat([px, contrast(enc["pixel_values"])]); ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+            px = torch.cat([px, contrast(enc["pixel_values"])])
+            ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
         ids, mask, px = ids.to(dev), mask.to(dev), px.to(dev, dtype)
         B = len(enc["input_ids"])
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only, as `generate` does
@@ -123,12 +126,14 @@ def decode(model, processor,
         done, steps = torch.zeros(B, dtype=torch.bool, device=dev), []
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()
-            if contrast is not None: logits = contrastive_logits(logits[:B], logits[B:], alpha, beta)
+            if contrast is not None: logits = contrastive_logits(logits[:B], logits[B:], alpha, cutoff)
             nxt = logits.argmax(-1).masked_fill(done, tok.pad_token_id)  # [B]
-            steps.append(nxt); done |= nxt == tok.eos_token_id
+            steps.append(nxt)
+            done |= nxt == tok.eos_token_id
             if done.all(): break
             if contrast is not None: nxt = nxt.repeat(2)
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1); pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            pos = pos[:, -1:] + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
         outs += [t.strip() for t in tok.batch_decode(torch.stack(steps, 1), skip_special_tokens=True)]
     return outs
@@ -141,7 +146,7 @@ def weakened_answers(model, processor,
                      questions, # one question, or one per image
                      noise_step: int = 600, # diffusion step of the weakening (see the table below)
                      decoder: str = "plain", # 'plain', 'contrastive' (weakened primary, clean contrast) or 'vcd' (the reverse)
-                     alpha: float = 1.0, beta: float = 0.2, # the contrastive rule's strength and cut-off
+                     alpha: float = 1.0, cutoff: float = 0.2, # the contrastive rule's strength and plausibility cut-off
                      seed: int = 0, # the noise
                      **kw, # passed to `decode`
                     ) -> list:
@@ -149,8 +154,8 @@ def weakened_answers(model, processor,
     if decoder not in NEGATIVE_DECODERS: raise ValueError(f"decoder must be one of {NEGATIVE_DECODERS}, not {decoder!r}")
     noisy = noise_view(noise_step, seed)
     if decoder == "plain": return decode(model, processor, images, questions, view=noisy, **kw)
-    if decoder == "contrastive": return decode(model, processor, images, questions, view=noisy, contrast=clean_view, alpha=alpha, beta=beta, **kw)
-    return decode(model, processor, images, questions, view=clean_view, contrast=noisy, alpha=alpha, beta=beta, **kw)
+    if decoder == "contrastive": return decode(model, processor, images, questions, view=noisy, contrast=clean_view, alpha=alpha, cutoff=cutoff, **kw)
+    return decode(model, processor, images, questions, view=clean_view, contrast=noisy, alpha=alpha, cutoff=cutoff, **kw)
 
 # %% ../nbs/06_pairs.ipynb 31
 def missing_partners(scene: Scene, wcfg: WorldConfig) -> list:
@@ -202,7 +207,8 @@ def inject_error(scene: Scene, # the true scene
         new = missing_partners(scene, wcfg) or absent
         objs.append(ShapeObject(rng.choice(new), rng.choice(wcfg.colours), rng.choice(_free_cells(scene, wcfg)), 0.8))
     else:
-        k = rng.randrange(len(objs)); o = objs[k]
+        k = rng.randrange(len(objs))
+        o = objs[k]
         if kind == "colour": objs[k] = replace(o, colour=rng.choice([c for c in wcfg.colours if c != o.colour]))
         elif kind == "shape": objs[k] = replace(o, shape=rng.choice(absent))
         elif kind == "position": objs[k] = replace(o, cell=rng.choice(_free_cells(scene, wcfg)))
@@ -243,7 +249,8 @@ def rule_rewriter(wcfg: WorldConfig, # the world whose words the captions use
             return " ".join(words[:-1] + ["and", "a", rng.choice(wcfg.colours), rng.choice(missing), "at", rng.choice(wcfg.positions), "."])
         cols = [k for k, w in enumerate(words) if w in wcfg.colours]
         if not cols: return text
-        k = rng.choice(cols); words[k] = rng.choice([c for c in wcfg.colours if c != words[k]])
+        k = rng.choice(cols)
+        words[k] = rng.choice([c for c in wcfg.colours if c != words[k]])
         return " ".join(words)
     return rewrite
 
@@ -332,7 +339,7 @@ class PairConfig:
     noise_step: int = 600  # the weakening step: the captions change and hallucinate, yet still name what is there
     decoder: str = "plain"  # 'plain' or 'contrastive' decoding of the weakened image
     cd_alpha: float = 1.0  # BPO's contrastive strength
-    cd_beta: float = 0.2  # BPO's plausibility cut-off
+    cd_cutoff: float = 0.2  # BPO's plausibility cut-off
     injections: tuple = INJECTIONS  # the error-injection rules drawn from (those applicable to each scene)
     seva_augmentations: tuple = SEVA_AUGMENTATIONS  # drawn uniformly per pair
     max_rounds: int = 20  # give up after this many rounds of candidates (a source whose negatives never differ)
@@ -386,13 +393,15 @@ def build_pairs(model, processor, # the model whose negatives are decoded (BPO's
         if idx.get("bpo_inject"):
             for j in idx["bpo_inject"]:
                 q, a = qa[j]
-                if q != CAPTION_PROMPT: rejected[j] = _flip(a); continue
+                if q != CAPTION_PROMPT:
+                    rejected[j] = _flip(a)
+                    continue
                 can = [k for k in pcfg.injections if k in applicable_injections(scenes[j], wcfg)]
                 rejected[j] = injected_caption(scenes[j], wcfg, rng, rng.choice(can)) if can else None  # None: the candidate is dropped
         if idx.get("bpo_noise"):
             J = idx["bpo_noise"]
             ans = weakened_answers(model, processor, [imgs[j] for j in J], [qa[j][0] for j in J], pcfg.noise_step, pcfg.decoder,
-                                   pcfg.cd_alpha, pcfg.cd_beta, seed=seed * 1000 + rnd)
+                                   pcfg.cd_alpha, pcfg.cd_cutoff, seed=seed * 1000 + rnd)
             for j, a in zip(J, ans): rejected[j] = a
         if idx.get("seva"):
             J = idx["seva"]
@@ -404,7 +413,8 @@ def build_pairs(model, processor, # the model whose negatives are decoded (BPO's
             k = method[j]
             if quota[k] > 0 and chosen[j] and rejected[j] and rejected[j] != chosen[j]:
                 rows.append((imgs[j], qa[j][0], chosen[j], rejected[j], k, json.dumps(scenes[j].to_dict())))
-                quota[k] -= 1; bar.update(1)
+                quota[k] -= 1
+                bar.update(1)
     bar.close()
     if sum(quota.values()):
         raise RuntimeError(f"only {len(rows)} of {n} '{source}' pairs after {pcfg.max_rounds} rounds: the negatives rarely differ "

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 from .cache import cached_artifact
 from .world import WorldConfig
-from .llava import BaseTrainConfig, base_vlm, load_vlm, sft_batch, train_loop
+from .llava import BaseTrainConfig, answerer, base_vlm, epoch_batches, load_vlm, save_vlm, sft_batch, train_loop, training_key
+from .registry import ModelEntry, register
 from .dpo import DPOTrainConfig, dpo_train, unpack_pairs
 from .pairs import PAIR_SOURCES, PairConfig, build_pairs
 from .hallucination import EVAL_SEED, hallucination_report
@@ -55,17 +56,14 @@ def sft_train(model, # trained in place
     n, bs, t0 = len(questions), cfg.batch_size, time.time()
     if n == 0: raise ValueError("no pairs to train on")
     dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(cfg.seed)
-    perms = [torch.randperm(n, generator=g).tolist() for _ in range(cfg.epochs)]  # the same orders as dpo_train's
-    per_epoch = math.ceil(n / bs)
+    steps, batch_index = epoch_batches(n, bs, cfg.epochs, cfg.seed)  # the same batches as dpo_train's
     def make_batch(step):
-        e, k = divmod(step, per_epoch)
-        idx = perms[e][k * bs:(k + 1) * bs]
+        idx = batch_index(step).tolist()
         b = sft_batch(processor, [images[i] for i in idx], [questions[i] for i in idx], [chosen[i] for i in idx])
         return {k: v.to(dev) for k, v in b.items()}
     torch.manual_seed(cfg.seed)
-    losses = train_loop(model, make_batch, cfg.epochs * per_epoch, cfg.lr, cfg.warmup, cfg.clip_grad, desc="SFT", progress=progress)
-    return dict(loss=losses, seconds=time.time() - t0, pairs=n, steps=cfg.epochs * per_epoch)
+    losses = train_loop(model, make_batch, steps, cfg.lr, cfg.warmup, cfg.clip_grad, desc="SFT", progress=progress)
+    return dict(loss=losses, seconds=time.time() - t0, pairs=n, steps=steps)
 
 def align(acfg: AlignConfig = AlignConfig(), # the run
           pairs=None, # its pairs, if already built (they depend on source, n_pairs, pairs and seed only)
@@ -92,7 +90,7 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
     if any(a.base != bcfg for a in runs.values()): raise ValueError("every run of a sweep must start from the same base model (AlignConfig.base)")
     def build(folder):
         base, proc = base_vlm(bcfg, progress=progress)
-        rows = [dict(run="base", seed=-1, **hallucination_report(base, proc, bcfg.world, n=n_eval))]
+        rows = [dict(run="base", seed=-1, **hallucination_report(answerer(base, proc), bcfg.world, n=n_eval))]
         cache = {}
         with tqdm(total=len(runs) * len(seeds), desc="sweep", disable=None if progress else True) as bar:
             for seed in seeds:
@@ -101,7 +99,7 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
                     key = (acfg.source, acfg.n_pairs, acfg.pairs, seed)
                     if key not in cache: cache[key] = build_pairs(base, proc, bcfg.world, acfg.source, acfg.n_pairs, seed, acfg.pairs, progress=False)
                     model, _, hist = align(acfg, cache[key], progress=False)
-                    rows.append(dict(run=name, seed=seed, seconds=hist["seconds"], **hallucination_report(model, proc, bcfg.world, n=n_eval)))
+                    rows.append(dict(run=name, seed=seed, seconds=hist["seconds"], **hallucination_report(answerer(model, proc), bcfg.world, n=n_eval)))
                     bar.update(1)
         (folder / "results.json").write_text(json.dumps(rows))
     key = dict(runs={k: asdict(v) for k, v in runs.items()}, seeds=seeds, n_eval=n_eval, eval_seed=EVAL_SEED)
@@ -140,9 +138,8 @@ def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = T
     if not isinstance(acfg, AlignConfig): raise TypeError(f"acfg must be an AlignConfig, not {type(acfg).__name__}")
     def build(folder):
         model, proc, hist = align(acfg, progress=progress)
-        model.save_pretrained(folder); proc.save_pretrained(folder)
-        (folder / "history.json").write_text(json.dumps({k: v for k, v in hist.items() if isinstance(v, (int, float, list))}))
-    return cached_artifact("llava-aligned", acfg, build)
+        save_vlm(model, proc, folder, history={k: v for k, v in hist.items() if isinstance(v, (int, float, list))})
+    return cached_artifact("llava-aligned", {"align": acfg, "base": training_key(acfg.base)}, build)  # a new base model is a new key
 
 def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be trained
                      device: str = None, # default: the CPU, as `base_vlm`
@@ -150,3 +147,6 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
                     ):
     "(model, processor) of the best aligned model: trained once from the base model, then loaded from the cache."
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
+
+register(ModelEntry("aligned", "the best alignment of 07_preference's sweep (DPO + SFT on BPO injection pairs)", "07_preference",
+                    "vlmcourse.preference:best_aligned_vlm_path"))

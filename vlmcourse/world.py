@@ -4,8 +4,10 @@
 
 # %% ../nbs/00_world.ipynb 3
 from __future__ import annotations
-import json, random
+import json, random, re
 from collections import Counter
+from functools import lru_cache
+from typing import NamedTuple
 from dataclasses import dataclass, field, asdict, replace
 from itertools import combinations
 
@@ -15,8 +17,9 @@ from PIL import Image, ImageDraw
 # %% auto 0
 __all__ = ['MAX_DRAWS', 'COLOUR_RGB', 'NUMBER_WORDS', 'CAPTION_PROMPT', 'POPE_SPLITS', 'SPECIAL_TOKENS', 'CHAT_WORDS',
            'CHAT_TEMPLATE', 'WorldConfig', 'ShapeObject', 'Scene', 'is_typical', 'sample_scene', 'sample_scenes',
-           'cell_box', 'render', 'object_mask', 'caption', 'presence_question', 'questions', 'world_words',
-           'cooccurrence', 'shape_frequency', 'pope_probes', 'to_dataset', 'build_tokenizer', 'show_scenes']
+           'cell_box', 'render', 'object_mask', 'caption', 'presence_question', 'questions', 'world_words', 'Mention',
+           'plural', 'object_words', 'find_objects', 'absent_mentions', 'cooccurrence', 'shape_frequency',
+           'pope_probes', 'to_dataset', 'build_tokenizer', 'show_scenes']
 
 # %% ../nbs/00_world.ipynb 6
 @dataclass(frozen=True)
@@ -155,7 +158,8 @@ def _draw_one(d, o, cfg):
     elif o.shape == "diamond": d.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h - 1), (cx - h, cy)], fill=col)
     elif o.shape == "cross":
         t = max(1.5, h / 3)
-        d.rectangle([cx - h, cy - t, cx + h - 1, cy + t - 1], fill=col); d.rectangle([cx - t, cy - h, cx + t - 1, cy + h - 1], fill=col)
+        d.rectangle([cx - h, cy - t, cx + h - 1, cy + t - 1], fill=col)
+        d.rectangle([cx - t, cy - h, cx + t - 1, cy + h - 1], fill=col)
     elif o.shape == "ring": d.ellipse(box, outline=col, width=max(2, round(h / 3)))
     else: raise ValueError(f"no renderer for shape {o.shape!r}: add it to _draw_one")
 
@@ -206,6 +210,51 @@ def world_words(cfg: WorldConfig) -> list:
     return sorted(words)
 
 # %% ../nbs/00_world.ipynb 27
+class Mention(NamedTuple):
+    "One object word found in a text: the `word` as written, the `object` it names, and its span `text[start:end]`."
+    word: str
+    object: str
+    start: int
+    end: int
+
+def plural(word: str) -> str:
+    "The regular English plural of an object word: 'circle' -> 'circles', 'cross' -> 'crosses'."
+    return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")
+
+def object_words(objects) -> tuple:
+    "The object words to look for, lower-cased, with a clear error for anything that is not a non-empty list of words."
+    if isinstance(objects, str) or not all(isinstance(o, str) for o in objects):
+        raise TypeError("objects must be a list of object words (strings), e.g. list(WorldConfig().shapes)")
+    objects = tuple(o.strip().lower() for o in objects)
+    if not objects or not all(objects): raise ValueError("objects must be a non-empty list of non-empty object words")
+    return objects
+
+@lru_cache(maxsize=32)
+def _object_regex(objects: tuple):
+    "A regex matching any form of any object as a whole word, and the map from form to object."
+    forms = {}
+    for o in objects:
+        forms.setdefault(o, o)
+        forms.setdefault(plural(o), o)
+    alts = sorted(forms, key=len, reverse=True)  # longest first, so 'crosses' wins over 'cross'
+    return re.compile(r"\b(?:" + "|".join(re.escape(f) for f in alts) + r")\b", re.IGNORECASE), forms
+
+def find_objects(text: str, # any text: a caption, an answer
+                 objects: list, # the object words to look for; plurals are found too
+                ) -> list:
+    "Every mention of an object word in `text`, as `Mention`s in order, matched as whole words, case-insensitively."
+    if not isinstance(text, str): raise TypeError(f"text must be a string, got {type(text).__name__}")
+    rx, forms = _object_regex(object_words(objects))
+    return [Mention(m.group(), forms[m.group().lower()], m.start(), m.end()) for m in rx.finditer(text)]
+
+def absent_mentions(text: str, # a caption or answer about `scene`
+                    scene: Scene, # the scene the text describes
+                    cfg: WorldConfig, # its world
+                   ) -> list:
+    "The distinct objects `text` names that `scene` does not contain, in order of first mention: the per-caption test of CHAIR."
+    return list(dict.fromkeys(m.object for m in find_objects(text, cfg.shapes) if m.object not in scene.shapes))
+
+# %% ../nbs/00_world.ipynb 30
 def cooccurrence(scenes: list, cfg: WorldConfig) -> np.ndarray:
     "M[i, j] = P(shape j in scene | shape i in scene), estimated from `scenes`; the diagonal is P(shape i)."
     idx = {s: i for i, s in enumerate(cfg.shapes)}
@@ -225,7 +274,7 @@ def shape_frequency(scenes: list, cfg: WorldConfig) -> dict:
     c = Counter(s for sc in scenes for s in sc.shapes)
     return {s: c[s] / max(len(scenes), 1) for s in cfg.shapes}
 
-# %% ../nbs/00_world.ipynb 32
+# %% ../nbs/00_world.ipynb 35
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 def pope_probes(scenes: list, # the scenes to ask about
@@ -255,7 +304,7 @@ def pope_probes(scenes: list, # the scenes to ask about
         probes += [dict(scene_idx=k, shape=s, question=presence_question(s), label="no") for s in no]
     return probes
 
-# %% ../nbs/00_world.ipynb 37
+# %% ../nbs/00_world.ipynb 40
 def to_dataset(scenes: list, cfg: WorldConfig):
     "A `datasets.Dataset` with the rendered `image`, its `caption`, `shapes`, `kind` and the scene as JSON."
     from datasets import Dataset, Features, Image as HFImage, Value, Sequence
@@ -265,7 +314,7 @@ def to_dataset(scenes: list, cfg: WorldConfig):
                               "shapes": [sorted(s.shapes) for s in scenes], "kind": [s.kind for s in scenes],
                               "scene": [json.dumps(s.to_dict()) for s in scenes]}, features=feats)
 
-# %% ../nbs/00_world.ipynb 40
+# %% ../nbs/00_world.ipynb 43
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", "<image>")  # ids 0..3: padding, unknown words, end of sequence, image placeholder
 CHAT_WORDS = ("user", "assistant", ":")
 # A chat template in the format `transformers` and TRL expect (content as a list of typed parts). The generation
@@ -287,7 +336,7 @@ def build_tokenizer(cfg: WorldConfig):
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tok
 
-# %% ../nbs/00_world.ipynb 44
+# %% ../nbs/00_world.ipynb 47
 def show_scenes(scenes, cfg, ncols=4, captions=None, scale=3):
     "A grid of scenes with their captions (or the given ones)."
     import matplotlib.pyplot as plt, textwrap
@@ -295,6 +344,7 @@ def show_scenes(scenes, cfg, ncols=4, captions=None, scale=3):
     fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.6)), squeeze=False)
     for ax in axs.flat: ax.axis("off")
     for k, (ax, s) in enumerate(zip(axs.flat, scenes)):
-        ax.imshow(render(s, cfg)); ax.set_title("\n".join(textwrap.wrap(captions[k] if captions else caption(s, cfg), 28)), fontsize=8)
+        ax.imshow(render(s, cfg))
+        ax.set_title("\n".join(textwrap.wrap(captions[k] if captions else caption(s, cfg), 28)), fontsize=8)
     fig.tight_layout()
     return fig
