@@ -6,7 +6,7 @@ from pathlib import Path
 import vlmcourse
 
 PKG = Path(vlmcourse.__file__).parent
-INFRA = {"cache", "registry"}  # infrastructure: imported by lessons, importing none
+INFRA = {"cache", "exercises", "registry"}  # infrastructure: imported by lessons, importing none
 MODEL_MODULES = {"clip", "llava", "dpo", "pairs", "preference", "demo"}  # modules that build or train models
 
 

@@ -338,7 +338,7 @@ def train_base(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe
 def generate(model, processor,
              images: list, # PIL images
              questions, # one question for all images, or one per image
-             max_new_tokens: int = 40, # a 3-object caption is 27 tokens
+             max_new_tokens: int = 40, # a 3-object caption is 21 words and `</s>`: 22 tokens
              batch_size: int = 64,
              progress: bool = False,
             ) -> list:

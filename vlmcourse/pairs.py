@@ -98,7 +98,7 @@ def decode(model, processor,
            contrast: Callable = None, # pixels -> pixels for a contrast input; None: plain greedy decoding
            alpha: float = 1.0, # contrastive strength
            cutoff: float = 0.2, # plausibility cut-off
-           max_new_tokens: int = 40, # a 3-object caption is 27 tokens
+           max_new_tokens: int = 40, # a 3-object caption is 21 words and `</s>`: 22 tokens
            batch_size: int = 64, # images per batch (the contrast doubles the forward batch)
            progress: bool = False,
           ) -> list:

@@ -26,7 +26,7 @@ class ModelEntry:
         return Path(getattr(importlib.import_module(module), fn)(progress=progress))
 
 _REGISTRY: dict = {}
-INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "registry")  # modules that are not lessons and register no model
+INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")  # modules that are not lessons and register no model
 
 def register(entry: ModelEntry) -> ModelEntry:
     "Add a model to the registry (a module calls this at import); the same entry again is a no-op, another under a taken name an error."

@@ -1,0 +1,56 @@
+"Each lesson's exercise solutions pass the lesson's check, and a wrong or unattempted answer does not."
+import torch
+
+import solutions as S
+from vlmcourse.clip import VisionTowerConfig, clip_loss, retrieval_recall
+from vlmcourse.exercises import check
+from vlmcourse.hallucination import chair, pope_metrics
+from vlmcourse.llava import LlavaModelConfig, pack_examples
+from vlmcourse.world import Scene, ShapeObject, WorldConfig, caption, cooccurrence, sample_scenes
+
+CFG = WorldConfig()
+
+
+def test_check_tells_right_wrong_and_unattempted(capsys):
+    def todo(x): raise NotImplementedError
+    assert not check(todo, [(1,)], [1]) and "not attempted" in capsys.readouterr().out
+    assert not check(lambda x: x + 1, [(1,)], [1]) and "case 1 of 1" in capsys.readouterr().out
+    assert check(lambda x: x, [(1,), (2.0,)], lambda x: x) and "right" in capsys.readouterr().out
+
+
+def test_world_exercises():
+    scenes = sample_scenes(CFG, 400, seed=5)
+    M = cooccurrence(scenes, CFG)
+    cases = [(scenes, "circle", "square"), (scenes, "triangle", "ring")]
+    assert check(S.partner_rate, cases, lambda scs, a, b: float(M[CFG.shapes.index(a), CFG.shapes.index(b)]))
+    def one(*shapes): return Scene(tuple(ShapeObject(s, "red", k, 0.7) for k, s in enumerate(shapes)))
+    assert check(S.missing_partners_of, [(one("circle"), CFG), (one("circle", "square"), CFG), (one("triangle"), CFG)], [["square"], [], ["diamond"]])
+    assert not check(lambda s, c: [], [(one("circle"), CFG)], [["square"]])
+
+
+def test_clip_exercises():
+    g = torch.Generator().manual_seed(0)
+    sims = [torch.randn(8, 8, generator=g) + k * torch.eye(8) for k in (0.0, 3.0)]
+    assert check(S.recall_at_1, [(s,) for s in sims], lambda s: retrieval_recall(s, ks=(1,))["i2t@1"])
+    us = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    assert check(lambda u, v, t: float(S.image_to_text_loss(u, v, t)), [(u, u, torch.tensor(2.0)) for u in us],
+                 lambda u, v, t: float(clip_loss(u, v, t)), tol=1e-5)
+
+
+def test_llava_exercises():
+    assert check(S.image_tokens, [(32, 8, True), (336, 14, False)],
+                 lambda s, p, cls: LlavaModelConfig(vision=VisionTowerConfig(image_size=s, patch_size=p),
+                                                    vision_feature_select="full" if cls else "default").num_image_tokens)
+    def flags(p, a, w):
+        return (pack_examples([([7] * p, [8] * a), ([7] * (w - a), [8] * a)], pad_id=0)["labels"][0] != -100).int().tolist()
+    assert check(S.scored, [(3, 2, 6), (1, 4, 9)], flags)
+
+
+def test_hallucination_exercises():
+    scenes = sample_scenes(CFG, 30, seed=1)
+    caps, truths = [caption(s, CFG) for s in scenes], [s.shapes for s in scenes]
+    wrong = truths[1:] + truths[:1]
+    assert check(S.chair_s, [(caps, truths), (caps, wrong)], lambda c, t: chair(c, t, CFG.shapes)["chair_s"])
+    labels = ["yes", "no", "no", "yes"]
+    replies = [["yes .", "no .", "yes .", "yes ."], ["Yes, there is.", "No!", "not at all", "yes"]]
+    assert check(S.pope_acc_yes, [(r, labels) for r in replies], lambda r, l: (pope_metrics(r, l)["accuracy"], pope_metrics(r, l)["yes_ratio"]))
