@@ -45,3 +45,30 @@ def chair_s(captions, truths):
 def pope_acc_yes(replies, labels):
     read = [pope_answer(r) for r in replies]
     return sum(r == l for r, l in zip(read, labels)) / len(labels), sum(r == "yes" for r in read) / len(read)
+
+
+# 05_dpo
+def ipo_one(pi_c, pi_r, ref_c, ref_r, tau, len_c, len_r):
+    c, r = (pi_c - ref_c) / len_c, (pi_r - ref_r) / len_r
+    return (c - r - 1 / (2 * tau)) ** 2
+
+
+def margin_for_weight(w):
+    import math
+    return math.log((1 - w) / w)  # sigma(-h) = w  <=>  h = logit(1 - w)
+
+
+# 06_pairs
+def signal_left(t):
+    import math
+    ramp = [-6 + 12 * k / 999 for k in range(1000)]
+    abar = 1.0
+    for l in ramp[:t + 1]: abar *= 1 - (1 / (1 + math.exp(-l)) * (5e-3 - 1e-5) + 1e-5)
+    return math.sqrt(abar)
+
+
+def vcd_pick(logits, logits_contrast, alpha, cutoff):
+    import math
+    p = [math.exp(x - max(logits)) for x in logits]
+    score = [(1 + alpha) * l - alpha * lc if pk >= cutoff * max(p) else -math.inf for l, lc, pk in zip(logits, logits_contrast, p)]
+    return max(range(len(score)), key=score.__getitem__)

@@ -54,3 +54,20 @@ def test_hallucination_exercises():
     labels = ["yes", "no", "no", "yes"]
     replies = [["yes .", "no .", "yes .", "yes ."], ["Yes, there is.", "No!", "not at all", "yes"]]
     assert check(S.pope_acc_yes, [(r, labels) for r in replies], lambda r, l: (pope_metrics(r, l)["accuracy"], pope_metrics(r, l)["yes_ratio"]))
+
+
+def test_dpo_exercises():
+    from vlmcourse.dpo import dpo_loss
+    def ipo(pc, pr, rc, rr, tau, lc, lr):
+        t = lambda x: torch.tensor([float(x)])
+        return dpo_loss(t(pc), t(pr), t(rc), t(rr), tau, "ipo", chosen_lengths=t(lc), rejected_lengths=t(lr))[0].item()
+    assert check(S.ipo_one, [(-12.0, -30.0, -12.0, -30.0, 0.1, 10, 12), (-3.0, -2.0, -4.0, -1.0, 1.0, 3, 3)], ipo, tol=1e-5)
+    assert check(S.margin_for_weight, [(0.5,), (0.05,)], lambda w: torch.logit(torch.tensor(1 - w, dtype=torch.float64)).item())
+
+
+def test_pairs_exercises():
+    from vlmcourse.pairs import contrastive_logits, noise_schedule
+    assert check(S.signal_left, [(0,), (500,), (999,)], lambda t: noise_schedule()[1][t].sqrt().item(), tol=1e-6)
+    ls, lcs = [[2.0, 1.9, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0]], [[3.0, 0.0, -3.0, 0.0], [0.0, 2.0, 0.5, 1.0]]
+    assert check(S.vcd_pick, [(l, lc, a, c) for l, lc in zip(ls, lcs) for a, c in ((1.0, 0.2), (2.0, 0.9))],
+                 lambda l, lc, a, c: int(contrastive_logits(torch.tensor([l]), torch.tensor([lc]), a, c).argmax()))
