@@ -1,11 +1,14 @@
-"""DPO training speed: TRL's `DPOTrainer` against the course's `dpo_train`, on the same pairs and the same tiny LLaVA.
+"""DPO training speed: TRL's `DPOTrainer` against the course's `dpo_train`, on the same pairs and the same tiny LLaVA;
+and a DPO step against an SFT step (`07_preference`'s `sft_train`) on the same pairs.
 
 Both run the same hyper-parameters (`trl_dpo_config` maps `DPOTrainConfig` to TRL's `DPOConfig`: float32, no
 activation checkpointing, cosine schedule with warm-up, clipping) and both score the same tokens (`for_trl`). The
 difference is what each does per step: TRL collates (tokenises and processes the images) and runs the reference model
 at every step, since it refuses `precompute_ref_log_probs` for vision data; `dpo_train` tokenises every pair once and
 computes the reference log-probabilities once per pair. Times are end to end (trainer construction, tokenisation,
-reference pass and training), alternating the two trainers to share out the noise of a busy machine.
+reference pass and training), alternating the trainers to share out the noise of a busy machine. `dpo_train` runs each
+pair's image and prompt once for both answers (`pair_logps`); "dpo_train, whole sequences" is the same loop scoring
+each answer as a whole sequence (`sequence_logps`), as it did before, to show what sharing the prefix is worth.
 
     python bench/dpo_speed.py                    # 512 pairs, 2 epochs, 16 pairs a step, 3 repeats, 1 thread: about a minute
     python bench/dpo_speed.py --pairs 1024 --batch-size 32 --threads 2
@@ -51,6 +54,22 @@ def run_trl(model, proc, pairs, cfg):
 def run_ours(model, proc, pairs, cfg):
     t0 = time.perf_counter()
     h = dpo_train(copy.deepcopy(model), proc, pairs, cfg, progress=False)
+    run_ours.step = (h["seconds"] - h["ref_seconds"]) / h["steps"]
+    return time.perf_counter() - t0, sum(h["loss"][:10]) / len(h["loss"][:10])
+
+
+def run_ours_whole(model, proc, pairs, cfg):
+    import vlmcourse.dpo as dpo
+    shares, dpo._shares_prefix = dpo._shares_prefix, lambda m: False
+    try: return run_ours(model, proc, pairs, cfg)
+    finally: dpo._shares_prefix = shares
+
+
+def run_sft(model, proc, pairs, cfg):
+    from vlmcourse.preference import sft_train
+    t0 = time.perf_counter()
+    h = sft_train(copy.deepcopy(model), proc, pairs, cfg, progress=False)
+    run_sft.step = h["seconds"] / h["steps"]
     return time.perf_counter() - t0, sum(h["loss"][:10]) / len(h["loss"][:10])
 
 
@@ -76,16 +95,23 @@ def main():
     print(f"{args.pairs} pairs x {args.epochs} epochs, {args.batch_size} pairs a step; tiny LLaVA with {n_params:,} parameters; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
 
-    times = {"TRL DPOTrainer": [], "vlmcourse dpo_train": []}
+    runners = (("TRL DPOTrainer", run_trl), ("vlmcourse dpo_train", run_ours), ("dpo_train, whole sequences", run_ours_whole),
+               ("SFT on the chosen", run_sft))
+    times, steps = {name: [] for name, _ in runners}, {"dpo": [], "sft": []}
     for r in range(args.repeats):
-        for name, fn in (("TRL DPOTrainer", run_trl), ("vlmcourse dpo_train", run_ours)):
+        for name, fn in runners:
             s, first = fn(model, proc, pairs, cfg)
             times[name].append(s)
-            print(f"  run {r + 1}: {name:20s} {s:6.1f} s  {args.pairs * args.epochs / s:6.1f} pairs/s  (mean loss of the first logged steps {first:.4f})")
+            if fn is run_ours: steps["dpo"].append(run_ours.step)
+            if fn is run_sft: steps["sft"].append(run_sft.step)
+            print(f"  run {r + 1}: {name:28s} {s:6.1f} s  {args.pairs * args.epochs / s:6.1f} pairs/s  (mean loss of the first logged steps {first:.4f})")
     rate = {k: args.pairs * args.epochs / statistics.median(v) for k, v in times.items()}
     print()
-    for k, v in rate.items(): print(f"{k:20s} {v:7.1f} pairs/s  (median of {args.repeats})")
+    for k, v in rate.items(): print(f"{k:28s} {v:7.1f} pairs/s  (median of {args.repeats})")
     print(f"ratio dpo_train / DPOTrainer: {rate['vlmcourse dpo_train'] / rate['TRL DPOTrainer']:.2f}x")
+    print(f"ratio dpo_train / dpo_train on whole sequences (what the shared prefix is worth): {rate['vlmcourse dpo_train'] / rate['dpo_train, whole sequences']:.2f}x")
+    dpo_step, sft_step = statistics.median(steps["dpo"]), statistics.median(steps["sft"])
+    print(f"a DPO step {dpo_step * 1000:.1f} ms, an SFT step on the same pairs {sft_step * 1000:.1f} ms: {dpo_step / sft_step:.2f}x")
 
 
 if __name__ == "__main__":

@@ -289,3 +289,31 @@ def test_dpo_train_bad_pairs(ref, proc, pairs):
     with pytest.raises(TypeError, match="DPOTrainConfig"):
         dpo_train(ref, proc, pairs, cfg={"beta": 0.1}, progress=False)
 
+
+
+def test_pair_logps_is_sequence_logps_with_mixed_prompt_lengths(policy, proc):
+    "One prefix, two answers: the same log-probabilities as scoring whole sequences, prompts of different lengths in one batch."
+    from vlmcourse.dpo import encode_pairs, pair_logps
+    scenes = sample_scenes(WCFG, 6, seed=9, kind="counter")
+    imgs = [render(s, WCFG) for s in scenes]
+    qs = [CAPTION_PROMPT, "is there a circle in the image ?", CAPTION_PROMPT, "what colour is the square ?", CAPTION_PROMPT, "is there a ring in the image ?"]
+    cs = [caption(s, WCFG) for s in scenes]
+    rs = ["no ."] * 6
+    with torch.no_grad():
+        c, r = pair_logps(policy, encode_pairs(proc, imgs, qs, cs, rs))
+        c0, r0 = sequence_logps(policy, sft_batch(proc, imgs * 2, qs * 2, cs + rs)).chunk(2)
+    torch.testing.assert_close(c, c0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r, r0, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="one image, question"):
+        encode_pairs(proc, imgs[:2], qs, cs, rs)
+
+
+def test_dpo_train_is_the_same_with_and_without_the_shared_prefix(policy, ref, proc, pairs, monkeypatch):
+    import vlmcourse.dpo as dpo
+    cfg = DPOTrainConfig(batch_size=4, epochs=1)
+    shared = dpo_train(copy.deepcopy(policy), proc, pairs, cfg, ref_model=ref, progress=False)
+    monkeypatch.setattr(dpo, "_shares_prefix", lambda model: False)  # as for an architecture other than LLaVA
+    whole = dpo_train(copy.deepcopy(policy), proc, pairs, cfg, ref_model=ref, progress=False)
+    assert shared["steps"] == whole["steps"] == 2
+    assert shared["loss"] == pytest.approx(whole["loss"], abs=1e-4)
+    assert shared["margin"] == pytest.approx(whole["margin"], abs=1e-4)

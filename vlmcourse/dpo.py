@@ -13,11 +13,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .clip import to_rgb
-from .llava import check_texts, epoch_batches, sft_batch, train_loop
+from .llava import answer_ids, chat_prompt, check_texts, epoch_batches, sft_batch, train_loop
 
 # %% auto 0
 __all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
-           'DPOTrainConfig', 'trl_dpo_config', 'dpo_train']
+           'DPOTrainConfig', 'trl_dpo_config', 'encode_pairs', 'pair_logps', 'dpo_train']
 
 # %% ../nbs/05_dpo.ipynb 11
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -184,14 +184,68 @@ def trl_dpo_config(cfg: DPOTrainConfig, # the course's config
     return DPOConfig(**kw)
 
 # %% ../nbs/05_dpo.ipynb 49
+def encode_pairs(processor, # a LLaVA-style processor
+                 images: list, # one PIL image per pair
+                 questions: list, # the prompt of each pair
+                 chosen: list, # the preferred answers
+                 rejected: list, # the dispreferred answers
+                ) -> dict:
+    "Each pair's prefix (image and prompt, padded on the left) once, and its two answers (padded on the right): `answer_ids` [n, 2, A]."
+    check_texts(questions, "questions")
+    check_texts(chosen, "chosen")
+    check_texts(rejected, "rejected")
+    if not len(images) == len(questions) == len(chosen) == len(rejected):
+        raise ValueError(f"need one image, question, chosen and rejected answer per pair: got {len(images)}, {len(questions)}, {len(chosen)}, {len(rejected)}")
+    tok = processor.tokenizer
+    enc = processor(text=[chat_prompt(processor, q) for q in questions], images=[to_rgb(i) for i in images], return_tensors="pt",
+                    padding=True, padding_side="left")
+    ids = answer_ids(tok, list(chosen) + list(rejected))
+    A, n = max(map(len, ids)), len(questions)
+    answers = torch.full((2 * n, A), tok.pad_token_id)
+    mask = torch.zeros((2 * n, A), dtype=torch.long)
+    for r, a in enumerate(ids):
+        answers[r, :len(a)] = torch.tensor(a)
+        mask[r, :len(a)] = 1
+    return dict(prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"], pixel_values=enc["pixel_values"],
+                answer_ids=torch.stack([answers[:n], answers[n:]], 1), answer_mask=torch.stack([mask[:n], mask[n:]], 1))
+
+def pair_logps(model, # a LLaVA-style VLM
+               batch: dict, # from `encode_pairs`
+              ) -> tuple:
+    "(log pi(y_c|x), log pi(y_r|x)), each [n]: the image and the prompt run once per pair, their cache continued by each answer."
+    pm, A = batch["prompt_mask"], batch["answer_ids"].shape[-1]
+    out = model(input_ids=batch["prompt_ids"], attention_mask=pm, pixel_values=batch["pixel_values"],
+                position_ids=(pm.cumsum(-1) - 1).clamp(min=0), use_cache=True)  # left padding: positions count real tokens
+    cache = out.cache
+    cache.batch_repeat_interleave(2)  # rows: pair 0 chosen, pair 0 rejected, pair 1 chosen, ...
+    answers, am = batch["answer_ids"].flatten(0, 1), batch["answer_mask"].flatten(0, 1)  # [2n, A]
+    positions = pm.sum(1).repeat_interleave(2)[:, None] + torch.arange(A, device=pm.device)[None]
+    out2 = model(input_ids=answers, attention_mask=torch.cat([pm.repeat_interleave(2, 0), am], 1), position_ids=positions,
+                 cache=cache, use_cache=False)
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), out2.logits[:, :-1]], 1).float()  # [2n, A, V]: column j predicts answer token j
+    token_logps = torch.gather(logits.log_softmax(-1), 2, answers.unsqueeze(-1)).squeeze(-1)
+    logps = (token_logps * am).sum(1).view(-1, 2)
+    return logps[:, 0], logps[:, 1]
+
+# %% ../nbs/05_dpo.ipynb 53
 def _take(enc, idx, n):
     "Rows of the pairs `idx` (chosen rows, then rejected rows) from an encoding of 2n sequences, trimmed of shared padding."
     both = torch.cat([idx, idx + n])
     T = int(enc["attention_mask"][both].sum(1).max())  # sft_batch pads on the right
     return {k: (v[both, :T] if k in ("input_ids", "attention_mask", "labels", "token_type_ids") else v[both]) for k, v in enc.items()}
 
+def _take_pairs(enc, idx):
+    "The pairs `idx` of an `encode_pairs` encoding, trimmed of the padding they all share (prefixes on the left, answers on the right)."
+    P, A = int(enc["prompt_mask"][idx].sum(1).max()), int(enc["answer_mask"][idx].sum(-1).max())
+    return dict(prompt_ids=enc["prompt_ids"][idx, -P:], prompt_mask=enc["prompt_mask"][idx, -P:], pixel_values=enc["pixel_values"][idx],
+                answer_ids=enc["answer_ids"][idx, :, :A], answer_mask=enc["answer_mask"][idx, :, :A])
+
 def _to(batch, device, dtype):
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+def _shares_prefix(model) -> bool:
+    "Whether `pair_logps` applies: the course's LLaVA class (other architectures position their image tokens their own way)."
+    return getattr(model.config, "model_type", None) == "llava"
 
 def dpo_train(model, # the policy, trained in place
               processor, # its processor
@@ -208,29 +262,33 @@ def dpo_train(model, # the policy, trained in place
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout): m.p = 0.0  # as TRL: deterministic log-probabilities
     param = next(model.parameters())
-    enc = sft_batch(processor, images * 2, questions * 2, chosen + rejected)  # tokenised once: rows [0, n) chosen, [n, 2n) rejected
-    lengths = answer_lengths(enc)  # [2n]
+    if _shares_prefix(model):  # each pair's image and prompt encoded once, scored once for both answers
+        enc = encode_pairs(processor, images, questions, chosen, rejected)
+        take, logps = (lambda idx: _take_pairs(enc, idx)), pair_logps
+        lengths = enc["answer_mask"].sum(-1)  # [n, 2]
+    else:  # whole sequences: rows [0, n) chosen, [n, 2n) rejected
+        enc = sft_batch(processor, images * 2, questions * 2, chosen + rejected)
+        take, logps = (lambda idx: _take(enc, idx, n)), (lambda m, b: sequence_logps(m, b).chunk(2))
+        lengths = torch.stack(answer_lengths(enc).chunk(2), 1)  # [n, 2]
     # The reference log-probabilities, once per pair
     ref = ref_model if ref_model is not None else model
     rparam = next(ref.parameters())
     ref.eval()
-    ref_logps = torch.empty(2 * n)
+    ref_logps = torch.empty(n, 2)
     with torch.no_grad():
         for i in tqdm(range(0, n, bs), desc="reference log-probs", disable=None if progress else True):
             idx = torch.arange(i, min(i + bs, n))
-            lp = sequence_logps(ref, _to(_take(enc, idx, n), rparam.device, rparam.dtype)).cpu()
-            ref_logps[idx], ref_logps[idx + n] = lp.chunk(2)
+            ref_logps[idx] = torch.stack(logps(ref, _to(take(idx), rparam.device, rparam.dtype)), 1).cpu()
     ref_seconds = time.time() - t0
     # Training: shuffled batches of pairs, the same order for the same seed
     steps, batch_index = epoch_batches(n, bs, cfg.epochs, cfg.seed)
     hist = {k: [] for k in ("dpo_loss", "sft_loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")}
     def make_batch(step):
         idx = batch_index(step)
-        return dict(inputs=_to(_take(enc, idx, n), param.device, param.dtype), ref=ref_logps[torch.cat([idx, idx + n])].to(param.device),
-                    lengths=lengths[torch.cat([idx, idx + n])].to(param.device))
+        return dict(inputs=_to(take(idx), param.device, param.dtype), ref=ref_logps[idx].to(param.device), lengths=lengths[idx].to(param.device))
     def loss_fn(model, batch):
-        pc, pr = sequence_logps(model, batch["inputs"]).chunk(2)  # [B] each
-        (rc, rr), (lc, lr) = batch["ref"].chunk(2), batch["lengths"].chunk(2)
+        pc, pr = logps(model, batch["inputs"])  # [B] each
+        (rc, rr), (lc, lr) = batch["ref"].unbind(1), batch["lengths"].unbind(1)
         losses, cr, rjr = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, lc, lr)
         sft = -pc.sum() / lc.sum()  # mean per-token NLL of the chosen answers
         loss = losses.mean() + cfg.sft_weight * sft if cfg.sft_weight else losses.mean()
