@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .clip import to_rgb
-from .llava import answer_ids, chat_prompt, check_texts, epoch_batches, sft_batch, train_loop
+from .llava import check_texts, epoch_batches, sft_batch, split_exchange, train_loop
 
 # %% auto 0
 __all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
@@ -197,9 +197,12 @@ def encode_pairs(processor, # a LLaVA-style processor
     if not len(images) == len(questions) == len(chosen) == len(rejected):
         raise ValueError(f"need one image, question, chosen and rejected answer per pair: got {len(images)}, {len(questions)}, {len(chosen)}, {len(rejected)}")
     tok = processor.tokenizer
-    enc = processor(text=[chat_prompt(processor, q) for q in questions], images=[to_rgb(i) for i in images], return_tensors="pt",
+    splits = [(split_exchange(processor, q, c), split_exchange(processor, q, r)) for q, c, r in zip(questions, chosen, rejected)]
+    if any(pc != pr for (pc, _), (pr, _) in splits):  # as `sft_batch` cuts each exchange into prompt and completion
+        raise ValueError("under this chat template a pair's two exchanges do not share the prompt's text: score them whole with sequence_logps")
+    enc = processor(text=[pc for (pc, _), _ in splits], images=[to_rgb(i) for i in images], return_tensors="pt",
                     padding=True, padding_side="left")
-    ids = answer_ids(tok, list(chosen) + list(rejected))
+    ids = tok([c for (_, c), _ in splits] + [r for _, (_, r) in splits], add_special_tokens=False)["input_ids"]
     A, n = max(map(len, ids)), len(questions)
     answers = torch.full((2 * n, A), tok.pad_token_id)
     mask = torch.zeros((2 * n, A), dtype=torch.long)
