@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import cached_artifact
+from .cache import cached_artifact, write_atomically
 from .llava import BaseTrainConfig, load_vlm, training_key
 
 # %% auto 0
@@ -206,21 +206,7 @@ def save_plora(model, processor, # a model prepared with `add_plora`, and its pr
               ) -> Path:
     "Save the base model, its processor and, beside them, the PLoRA adapter."
     if not plora_layers(model): raise ValueError("the model has no PLoRA layers: save it with save_vlm")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        _write_plora(model, processor, tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old: shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return write_atomically(path, lambda folder: _write_plora(model, processor, folder))
 
 def load_plora(path, # a folder written by `save_plora`
                device: str = None, # as load_vlm
