@@ -72,3 +72,22 @@ def vcd_pick(logits, logits_contrast, alpha, cutoff):
     p = [math.exp(x - max(logits)) for x in logits]
     score = [(1 + alpha) * l - alpha * lc if pk >= cutoff * max(p) else -math.inf for l, lc, pk in zip(logits, logits_contrast, p)]
     return max(range(len(score)), key=score.__getitem__)
+
+
+# 08_cal
+def answer_weights(d, low, high):
+    c = [min(max(x, low), high) for x in d]
+    return [sum(c[max(0, t - 1):t + 2]) / len(c[max(0, t - 1):t + 2]) for t in range(len(c))]
+
+
+def weighted_mean(ce, w):
+    return sum(a * b for a, b in zip(ce, w)) / sum(w)
+
+
+# 09_plora
+def adapter_params(d_in, d_out, r):
+    return r * (d_in + d_out)
+
+
+def image_positions(input_ids, image_token_id):
+    return [[t == image_token_id for t in row] for row in input_ids]

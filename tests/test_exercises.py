@@ -71,3 +71,20 @@ def test_pairs_exercises():
     ls, lcs = [[2.0, 1.9, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0]], [[3.0, 0.0, -3.0, 0.0], [0.0, 2.0, 0.5, 1.0]]
     assert check(S.vcd_pick, [(l, lc, a, c) for l, lc in zip(ls, lcs) for a, c in ((1.0, 0.2), (2.0, 0.9))],
                  lambda l, lc, a, c: int(contrastive_logits(torch.tensor([l]), torch.tensor([lc]), a, c).argmax()))
+
+
+def test_cal_exercises():
+    from vlmcourse.cal import cal_weights
+    def exported(d, low, high):
+        z = torch.tensor(d, dtype=torch.float32)[None, :, None]
+        return cal_weights(z, torch.zeros_like(z), torch.zeros(1, len(d), dtype=torch.long), low, high).squeeze(0).tolist()
+    assert check(S.answer_weights, [([0.5, 3.0, 9.0], 1.0, 5.0), ([2.0], 1.0, 5.0), ([6.0, -1.0, 2.0, 4.0, 0.0], 1.0, 3.0)], exported, tol=1e-5)
+    assert check(S.weighted_mean, [([1.0, 2.0, 3.0], [5.0, 5.0, 5.0]), ([0.5, 4.0], [1.0, 3.0])], [2.0, 3.125])
+
+
+def test_plora_exercises():
+    from torch import nn
+    from vlmcourse.plora import PLoRALinear
+    assert check(S.adapter_params, [(6, 5, 2), (64, 192, 8)],
+                 lambda i, o, r: sum(p.numel() for n, p in PLoRALinear(nn.Linear(i, o), r=r, alpha=r, dropout=0.0).named_parameters() if "lora" in n))
+    assert check(S.image_positions, [([[5, 3, 3, 7], [3, 1]], 3)], lambda ids, i: [[t == i for t in row] for row in ids])
