@@ -67,11 +67,13 @@ def test_write_atomically_keeps_the_old_folder_when_a_rewrite_fails(tmp_path):
 
 def test_the_registry_lists_the_course_models_and_refuses_clashes():
     ms = models()
-    assert {"base", "oracle", "aligned"} <= set(ms)
+    assert {"base", "oracle", "aligned", "cal", "plora"} <= set(ms)
+    assert ms["plora"].loader == "vlmcourse.plora:load_plora" and ms["base"].loader == "vlmcourse.llava:load_vlm"
     assert ms["base"].lesson == "02_llava" and ms["aligned"].lesson == "07_preference"
     with pytest.raises(KeyError, match="there are: "): model_entry("no-such-model")
     with pytest.raises(ValueError, match="already registered"): register(ModelEntry("base", "x", "99_x", "m:f"))
     with pytest.raises(ValueError, match="module:function"): register(ModelEntry("new", "x", "99_x", "no colon"))
+    with pytest.raises(ValueError, match="loader must be"): register(ModelEntry("new", "x", "99_x", "m:f", loader="load_vlm"))
     assert register(ms["base"]) == ms["base"]  # the same entry twice: a no-op
 
 
@@ -79,3 +81,10 @@ def test_an_entry_resolves_its_path_through_its_function(monkeypatch, tmp_path):
     import vlmcourse.llava as llava
     monkeypatch.setattr(llava, "oracle_vlm_path", lambda progress=True: tmp_path / "oracle")
     assert models()["oracle"].path(progress=False) == tmp_path / "oracle"
+
+
+def test_an_entry_loads_with_its_own_loader(monkeypatch, tmp_path):
+    import vlmcourse.plora as plora
+    monkeypatch.setattr(plora, "plora_vlm_path", lambda progress=True: tmp_path / "p")
+    monkeypatch.setattr(plora, "load_plora", lambda path, device=None: ("model from", path, device))
+    assert models()["plora"].load(device="cpu") == ("model from", tmp_path / "p", "cpu")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import cached_artifact
+from .registry import ModelEntry, register
 from .world import sample_scenes
 from .llava import (BaseTrainConfig, align_stage, answerer, base_vlm, load_vlm, oracle_vlm, sft_batch, text_stage_vlm,
                              training_key)
@@ -206,6 +207,9 @@ def cal_run_path(tcfg: BaseTrainConfig = BaseTrainConfig(), ccfg: CALConfig = CA
 def cal_vlm_path(progress: bool = True) -> Path:
     "The cached checkpoint folder of the CAL-aligned model: the base recipe's alignment stage with CAL, seed 0 (load it with `load_vlm`)."
     return cal_run_path(BaseTrainConfig(), CALConfig(), seed=0, progress=progress)
+
+register(ModelEntry("cal", "the base recipe's alignment stage with CAL's token weights instead of plain cross-entropy (seed 0)", "08_cal",
+                    "vlmcourse.cal:cal_vlm_path"))
 
 # %% ../nbs/08_cal.ipynb 51
 def cal_report(answer, # answer(images, questions) -> replies, e.g. `llava.answerer(model, processor)`

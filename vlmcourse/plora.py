@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .cache import cached_artifact, write_atomically
+from .registry import ModelEntry, register
 from .llava import BaseTrainConfig, load_vlm, training_key
 
 # %% auto 0
@@ -353,3 +354,6 @@ def plora_vlm_path(progress: bool = True, # progress bars while training
 def plora_vlm(device: str = None, progress: bool = True):
     "(model, processor) of the course's PLoRA model: trained once, then loaded from the cache."
     return load_plora(plora_vlm_path(progress), device=device or "cpu")
+
+register(ModelEntry("plora", "the alignment stage through PLoRA adapters on the frozen text-stage language model (at this budget it barely reads images)",
+                    "09_plora", "vlmcourse.plora:plora_vlm_path", loader="vlmcourse.plora:load_plora"))

@@ -19,11 +19,20 @@ class ModelEntry:
     what: str  # one line: what the model is and what it is for
     lesson: str  # the notebook that trains it, e.g. '02_llava'
     path_fn: str  # 'module:function' returning its checkpoint folder; the function takes `progress` and trains on first use
+    loader: str = "vlmcourse.llava:load_vlm"  # 'module:function' loading (model, processor) from the folder: `load_vlm` unless the lesson needs its own
 
     def path(self, progress: bool = True) -> Path:
         "Its checkpoint folder (trained and cached on first use)."
-        module, _, fn = self.path_fn.partition(":")
-        return Path(getattr(importlib.import_module(module), fn)(progress=progress))
+        return Path(_resolve(self.path_fn)(progress=progress))
+
+    def load(self, device: str = None, progress: bool = True):
+        "(model, processor), trained on first use, loaded by its `loader`."
+        return _resolve(self.loader)(self.path(progress), device=device)
+
+def _resolve(spec: str):
+    "The function a 'module:function' string names (imported when asked for, so the registry depends on no lesson)."
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 _REGISTRY: dict = {}
 INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")  # modules that are not lessons and register no model
@@ -31,7 +40,8 @@ INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")  #
 def register(entry: ModelEntry) -> ModelEntry:
     "Add a model to the registry (a module calls this at import); the same entry again is a no-op, another under a taken name an error."
     if not isinstance(entry, ModelEntry): raise TypeError(f"register takes a ModelEntry, not {type(entry).__name__}")
-    if ":" not in entry.path_fn: raise ValueError(f"path_fn must be 'module:function', got {entry.path_fn!r}")
+    for f in ("path_fn", "loader"):
+        if ":" not in getattr(entry, f): raise ValueError(f"{f} must be 'module:function', got {getattr(entry, f)!r}")
     old = _REGISTRY.get(entry.name)
     if old is not None and old != entry: raise ValueError(f"a model named {entry.name!r} is already registered (by {old.lesson}): choose another name")
     _REGISTRY[entry.name] = entry
