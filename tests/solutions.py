@@ -1,4 +1,6 @@
 "Solutions to the lessons' exercises: read them after trying. tests/test_exercises.py checks each with the lessons' own `check`."
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +93,19 @@ def adapter_params(d_in, d_out, r):
 
 def image_positions(input_ids, image_token_id):
     return [[t == image_token_id for t in row] for row in input_ids]
+
+
+# 04_instructblip
+
+def qformer_layer_params(d, f, dv):
+    dense = lambda i, o: i * o + o  # a linear layer with bias
+    ln = 2 * d  # a LayerNorm's gain and bias
+    self_att = 4 * dense(d, d) + ln  # q, k, v, the output dense, its LayerNorm
+    cross_att = dense(d, d) + 2 * dense(dv, d) + dense(d, d) + ln  # q from the queries, k and v from the image
+    ffn = dense(d, f) + dense(f, d) + ln  # one feed-forward block
+    return self_att + cross_att + 2 * ffn  # the queries' and the text's feed-forward
+
+
+def first_colour(reply, colours):
+    hits = [(m.start(), c) for c in colours for m in [re.search(rf"\b{re.escape(c)}\b", reply)] if m]
+    return min(hits)[1] if hits else ""

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
     d.add_argument("--left", default=None, help="left model: a course model by name (`vlmcourse models`), a checkpoint folder or Hub id (default: base)")
     d.add_argument("--right", default=None, help="right model: as --left (default: aligned, the best aligned model)")
+    d.add_argument("--models-dir", default=None, metavar="DIR", help="also offer visitors the checkpoint folders under DIR (by default: only the course's models and --left/--right)")
+    d.add_argument("--allow-hub", action="store_true", help="let visitors type Hugging Face Hub ids (off by default)")
     al = sub.add_parser("align", help="DPO of a real checkpoint with TRL and a LoRA adapter (one GPU, several under `accelerate launch`, or the CPU)")
     al.add_argument("--model", required=True, help="a checkpoint folder or Hub id, e.g. llava-hf/llava-1.5-7b-hf")
     al.add_argument("--pairs", default="bpo_inject", help="a dataset in TRL's vision format (folder from save_to_disk, .json/.jsonl/.parquet, Hub id) or a pair builder: bpo_inject, bpo_noise, bpo_both, seva")
@@ -116,7 +118,7 @@ def _models(a):
 
 def _demo(a):
     from vlmcourse.demo import serve  # 12_demo
-    serve(left=a.left, right=a.right, host=a.host, port=a.port, share=a.share)
+    serve(left=a.left, right=a.right, host=a.host, port=a.port, share=a.share, models_dir=a.models_dir, allow_hub=a.allow_hub)
 
 def _align(a):
     from vlmcourse.real import AlignConfig, align, load_pairs  # 13_real_models

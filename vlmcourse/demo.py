@@ -4,7 +4,8 @@
 
 # %% ../nbs/12_demo.ipynb 3
 from __future__ import annotations
-import os, re, threading
+import functools, html, os, re, threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ import gradio as gr
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .world import (CAPTION_PROMPT, POPE_SPLITS, Scene, WorldConfig, caption, presence_question, render,
-                             sample_scenes)
+from .world import (CAPTION_PROMPT, COLOUR_RGB, POPE_SPLITS, Scene, WorldConfig, caption, presence_question,
+                             render, sample_scenes)
 from .clip import to_rgb
 from .llava import answerer, default_device, generate, load_vlm
 from .registry import model_entry, models
@@ -25,10 +26,12 @@ from .hallucination import (chair, evaluate_captions, evaluate_pope, find_object
                                      pope_answer, pope_metrics)
 
 # %% auto 0
-__all__ = ['IMAGE_FORMATS', 'SCENE_KINDS', 'LABELS', 'CAPTION_METRICS', 'POPE_METRICS', 'DEFAULT_PROMPTS', 'DemoConfig',
-           'read_image', 'tidy_prompt', 'unknown_words', 'scene_truth', 'scene_from_truth', 'new_scene',
-           'answer_segments', 'ModelSlot', 'SideBySide', 'metrics_chart', 'image_input', 'build_app', 'launch_app',
-           'serve']
+__all__ = ['IMAGE_FORMATS', 'SCENE_KINDS', 'LABELS', 'SIDES', 'HUB_ID', 'CAPTION_METRICS', 'POPE_METRICS', 'NOT_A_SCENE',
+           'USER_ERRORS', 'DEFAULT_PROMPTS', 'DemoConfig', 'RefusedUpload', 'read_image', 'is_world_image',
+           'tidy_prompt', 'unknown_words', 'presence_object', 'kind_help', 'scene_truth', 'scene_from_truth',
+           'truth_markdown', 'md_escape', 'check_seed', 'new_scene', 'enlarge', 'answer_segments', 'verdict', 'Offer',
+           'ModelMenu', 'LoadedModel', 'ModelCache', 'SideBySide', 'metrics_chart', 'image_input', 'message_html',
+           'build_app', 'launch_app', 'serve']
 
 # %% ../nbs/12_demo.ipynb 6
 @dataclass(frozen=True)
@@ -39,12 +42,18 @@ class DemoConfig:
     max_prompt_chars: int = 200  # about 40 words; the tiny model has 128 positions, 16 of them for the image
     max_new_tokens: int = 40  # a 3-object caption is 27 tokens
     max_batch_scenes: int = 1000  # the Batch tab's ceiling, so that one click cannot hold the models (and their locks) for long
+    max_seed: int = 2**32 - 1  # seeds are unsigned 32-bit numbers: any larger is refused with a message, not sent back to a number box
     display_scale: int = 8  # a 32 px scene is shown 8x, nearest-neighbour, so its shapes stay crisp
     kind: str = "counter"  # the default kind of new scene: counter-prior scenes are where the prior makes models invent objects
     max_file_size: str = "50mb"  # the server refuses larger uploads outright (Gradio's own limit)
+    cache_size: int = 4  # loaded models kept in memory for all visitors (least recently used goes first): a tiny model is ~1 MB, a 7B one 14 GB
+    disagreement_tries: int = 20  # 'Find a disagreement' draws at most this many scenes: about 1.5 s with the course's two tiny models
 
 # %% ../nbs/12_demo.ipynb 9
 IMAGE_FORMATS = "PNG, JPEG, GIF, BMP or WebP"
+
+class RefusedUpload(str):
+    "What the image box hands a handler instead of a file it could not read: the reason, as text."
 
 def _too_big(w, h, max_pixels):
     side = int(max_pixels ** 0.5)
@@ -55,7 +64,8 @@ def read_image(image, # a file path, or a PIL image of any mode
                max_pixels: int = DemoConfig.max_pixels, # refuse larger images before decoding them
               ) -> Image.Image:
     "An RGB PIL image from a path or a PIL image, with a clear error for no image, a non-image or one too large."
-    if image is None: raise ValueError("no image: upload one, or click 'New scene' to draw a Shapes world scene")
+    if image is None: raise ValueError("no image: upload one, or click 'Draw scene' to draw a Shapes world scene")
+    if isinstance(image, RefusedUpload): raise ValueError(str(image))
     if isinstance(image, (str, Path)):
         name = Path(image).name
         try: img = Image.open(image)  # reads the header only
@@ -73,7 +83,19 @@ def read_image(image, # a file path, or a PIL image of any mode
         raise ValueError(f"{name} could not be decoded ({str(e)[:120]}); it may be truncated or corrupted: upload a {IMAGE_FORMATS} image") from None
     return to_rgb(img)
 
-# %% ../nbs/12_demo.ipynb 15
+def is_world_image(img: Image.Image, # an RGB image
+                   wcfg: WorldConfig = WorldConfig(), # the world the models know
+                   max_scale: int = 16, # the largest whole-number enlargement still taken for a scene
+                   tolerance: int = 48, # how far (per channel) a pixel may be from the world's colours: a 256-colour palette copy is at most 42 away
+                  ) -> bool:
+    "Whether `img` looks like a Shapes world scene: square, a whole multiple of the world's size, and (98% of it) the world's colours."
+    w, h = img.size
+    if w != h or w % wcfg.image_size or w // wcfg.image_size > max_scale: return False
+    palette = np.array([wcfg.background, *(COLOUR_RGB[c] for c in wcfg.colours)], dtype=np.int16)  # [K, 3]
+    px = np.asarray(img.convert("RGB"), dtype=np.int16).reshape(-1, 1, 3)  # [N, 1, 3]
+    return float((np.abs(px - palette).max(-1).min(-1) <= tolerance).mean()) >= 0.98
+
+# %% ../nbs/12_demo.ipynb 16
 def tidy_prompt(prompt, # the user's text
                 max_chars: int = DemoConfig.max_prompt_chars, # the longest prompt accepted
                ) -> str:
@@ -92,8 +114,26 @@ def unknown_words(processor, prompt: str) -> list:
     if unk is None: return []
     return list(dict.fromkeys(w for w in prompt.split() if unk in tok(w, add_special_tokens=False)["input_ids"]))
 
-# %% ../nbs/12_demo.ipynb 18
+_PRESENCE = re.compile(r"^\s*(?:(?:is|are)\s+there|(?:do|can)\s+you\s+see)\b", re.I)
+
+def presence_object(prompt: str, # the (tidied) prompt
+                    objects: tuple = WorldConfig.shapes, # the object vocabulary
+                   ):
+    "The object a yes/no presence question ('is there a circle ... ?') asks about, or None for any other prompt."
+    if not _PRESENCE.search(prompt): return None
+    asked = {m.object for m in find_objects(prompt, objects)}
+    return asked.pop() if len(asked) == 1 else None
+
+# %% ../nbs/12_demo.ipynb 19
 SCENE_KINDS = ("prior", "typical", "counter")
+
+def kind_help(wcfg: WorldConfig = WorldConfig()) -> dict:
+    "What each kind of scene is, in words, from the world's partner pairs."
+    with_ = " and ".join(f"a {a} comes with its {b}" for a, b in wcfg.partners)
+    without = " or ".join(f"a {a} without a {b}" for a, b in wcfg.partners)
+    return {"prior": f"drawn as the models' training data was: partners nearly always together ({with_} {wcfg.prior_strength:.1%} of the time)",
+            "typical": f"every partner present ({with_}): the prior is right, so the models should be too",
+            "counter": f"a partner missing ({without}): the prior is wrong here, which is where models invent the missing partner"}
 
 def scene_truth(scene: Scene, wcfg: WorldConfig, seed: int = None) -> dict:
     "The ground truth the app shows for a scene: its true caption, seed, kind and objects."
@@ -109,323 +149,588 @@ def scene_from_truth(truth, wcfg: WorldConfig):
         if any(not 0 <= o.cell < wcfg.grid ** 2 for o in scene.objects): raise ValueError("a cell outside the grid")
         return scene
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"the ground truth is not a Shapes world scene ({type(e).__name__}: {e}): click 'New scene' to draw one") from None
+        raise ValueError(f"the ground truth is not a Shapes world scene ({type(e).__name__}: {e}): click 'Draw scene' to draw one") from None
 
-def _seed(seed, what="seed") -> int:
-    if seed is None or isinstance(seed, bool) or not float(seed).is_integer() or seed < 0:
-        raise ValueError(f"the {what} must be a whole number >= 0, got {seed!r}")
+def truth_markdown(truth, wcfg: WorldConfig = WorldConfig()) -> str:
+    "The ground truth as a reader wants it: the true caption first, then the objects, then the seed and what its kind means."
+    scene = scene_from_truth(truth, wcfg)
+    if scene is None: return "*No ground truth: an uploaded image. Draw a scene to have the models' answers checked.*"
+    objs = ", ".join(f"{o.colour} {o.shape} ({wcfg.positions[o.cell]})" for o in scene.objects)
+    seed = truth.get("seed") if isinstance(truth, dict) else None
+    return (f"**True caption:** {md_escape(caption(scene, wcfg))}  \n**In the scene:** {md_escape(objs)}  \n"
+            f"**Seed** {md_escape(seed)}, **kind** *{scene.kind}*: {md_escape(kind_help(wcfg).get(scene.kind, ''))}")
+
+def md_escape(text) -> str:
+    "`text` shown as written in Markdown: HTML escaped (so `<class 'int'>` is not taken for a tag), Markdown's marks backslashed."
+    return re.sub(r"([\\`*_{}\[\]#|~])", r"\\\1", html.escape(str(text), quote=False))
+
+def check_seed(seed, # what the seed box or an API call sent
+               what: str = "seed", # how the message names it
+               max_seed: int = DemoConfig.max_seed, # the largest seed accepted
+              ) -> int:
+    "`seed` as an int, or a clear error for a missing, fractional, negative or too large one."
+    whole = isinstance(seed, (int, np.integer)) or (isinstance(seed, (float, np.floating)) and np.isfinite(seed) and float(seed).is_integer())
+    if isinstance(seed, bool) or not whole or not 0 <= seed <= max_seed:
+        big = isinstance(seed, (int, float, np.integer, np.floating)) and not isinstance(seed, bool) and abs(seed) >= 1e15
+        shown = f"{float(seed):.3g}" if big and abs(seed) < 1e300 else repr(seed)[:40]
+        raise ValueError(f"the {what} must be a whole number from 0 to {max_seed:,}, got {shown}")
     return int(seed)
 
 def new_scene(seed: int, # the scene's seed: the same seed and kind give the same scene
               kind: str = DemoConfig.kind, # 'prior', 'typical' or 'counter'
               cfg: DemoConfig = DemoConfig(),
              ) -> tuple:
-    "(an enlarged picture of the scene for display, its ground truth, the next seed)."
-    seed = _seed(seed)
+    "(an enlarged picture of the scene for display, its ground truth, its seed)."
+    seed = check_seed(seed, max_seed=cfg.max_seed)
     if kind not in SCENE_KINDS: raise ValueError(f"the kind must be one of {SCENE_KINDS}, got {kind!r}")
     scene = sample_scenes(cfg.world, 1, seed=seed, kind=kind)[0]
-    img = render(scene, cfg.world)
-    big = img.resize((img.width * cfg.display_scale, img.height * cfg.display_scale), Image.NEAREST)
-    return big, scene_truth(scene, cfg.world, seed), seed + 1
+    return enlarge(render(scene, cfg.world), cfg), scene_truth(scene, cfg.world, seed), seed
 
-# %% ../nbs/12_demo.ipynb 22
-LABELS = {"hallucinated": "red", "in the scene": "green"}  # HighlightedText's colour map
+def enlarge(img: Image.Image, cfg: DemoConfig = DemoConfig()) -> Image.Image:
+    "A scene enlarged for display, nearest-neighbour, so its pixels stay crisp."
+    return img.resize((img.width * cfg.display_scale, img.height * cfg.display_scale), Image.NEAREST)
+
+# %% ../nbs/12_demo.ipynb 23
+LABELS = {"hallucinated": "red", "missed": "orange", "in the scene": "green"}  # HighlightedText's colour map
+
+_YES_NO = re.compile(r"\b(?:yes|no|not)\b", re.I)
 
 def answer_segments(text: str, # a model's answer
                     truth: set = None, # the objects really in the image; None when unknown
                     objects: tuple = WorldConfig.shapes, # the object vocabulary
+                    asked: str = None, # the object a yes/no presence question asks about (`presence_object`), if it is one
                    ) -> list:
-    "`text` cut into (segment, label) pairs: 'hallucinated', 'in the scene' or None."
+    """`text` cut into (segment, label) pairs: 'hallucinated', 'missed', 'in the scene' or None. An object named but
+    absent is hallucinated; so is a 'yes' to a question about an absent object, and a 'no' about a present one is missed."""
     if truth is None: return [(text, None)] if text else []
     bad = {(m.start, m.end) for m in highlight_hallucinations(text, truth, objects)}
+    spans = [(m.start, m.end, "hallucinated" if (m.start, m.end) in bad else "in the scene") for m in find_objects(text, objects)]
+    if asked is not None:
+        said, there = pope_answer(text), asked in truth
+        word = _YES_NO.search(text.split(".", 1)[0])  # the word POPE's rule reads; an answer without one counts as 'yes'
+        label = "hallucinated" if said == "yes" and not there else "missed" if said == "no" and there else "in the scene" if there else None
+        if word and label and not any(s < word.end() and word.start() < e for s, e, _ in spans): spans.append((word.start(), word.end(), label))
     out, pos = [], 0
-    for m in find_objects(text, objects):
-        if m.start > pos: out.append((text[pos:m.start], None))
-        out.append((text[m.start:m.end], "hallucinated" if (m.start, m.end) in bad else "in the scene"))
-        pos = m.end
+    for start, end, label in sorted(spans):
+        if start > pos: out.append((text[pos:start], None))
+        out.append((text[start:end], label))
+        pos = end
     if pos < len(text): out.append((text[pos:], None))
     return out
 
-# %% ../nbs/12_demo.ipynb 25
-def _load_source(source):
-    "(model, processor) of a model of the course's registry by name ('base', 'oracle', 'aligned', ...), else of a checkpoint folder or Hub id."
-    if str(source) in models(): return load_vlm(model_entry(str(source)).path(), device=default_device())
-    return load_vlm(source)
+def verdict(text: str, # a model's answer
+            truth: set = None, # the objects in the image, None for an upload
+            objects: tuple = WorldConfig.shapes, # the object vocabulary
+            asked: str = None, # the object a presence question asks about, if it is one
+           ) -> str:
+    "One line on one answer: what it invented, what it missed, or that it is right."
+    if truth is None: return "no ground truth for an uploaded image"
+    invented = list(dict.fromkeys(m.object for m in highlight_hallucinations(text, truth, objects)))
+    parts = []
+    if asked is not None:
+        said, there = pope_answer(text), asked in truth
+        how = f"said {said}" if _YES_NO.search(text.split(".", 1)[0]) else "said neither yes nor no, which POPE reads as yes"
+        if said == "yes" and not there: parts.append(f"hallucinated {asked}: {how}, but there is no {asked}")
+        elif said == "no" and there: parts.append(f"missed the {asked}: {how}, but there is one")
+        else: parts.append(f"right about the {asked}: {how}")
+        invented = [o for o in invented if o != asked]
+    if invented: parts.append(f"hallucinated {', '.join(invented)}")
+    return "; ".join(parts) or "no hallucinated object"
 
-def _default_left(): return _load_source("base")  # the course's base model (02_llava), on the GPU when there is one
-def _default_right(): return _load_source("aligned")  # the course's best aligned model (07_preference)
+# %% ../nbs/12_demo.ipynb 26
+SIDES = ("left", "right")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")  # owner/name, as the Hub spells ids
 
-class ModelSlot:
-    "One side of the demo: a (model, processor) pair loaded on first use, replaceable, used by one request at a time."
-    def __init__(self, source=None, # None: `default`; a checkpoint folder or Hub id; or a (model, processor) pair
-                 default=None, # a function returning the default (model, processor)
-                 default_name: str = "default", # what to call the default model
-                 max_new_tokens: int = DemoConfig.max_new_tokens, # the longest answer
-                ):
-        self.default, self.default_name, self.max_new_tokens, self.lock = default, default_name, max_new_tokens, threading.RLock()
-        self.source, self.pair = None, None
-        self.set_source(source)
+def _no_paths(message: str, path, name: str) -> str:
+    "A loading error with the server's paths taken out: the folder becomes its menu name, any other absolute path '(a path)'."
+    if path is not None: message = message.replace(str(path), repr(name))
+    return re.sub(r"(?<![\w.])/[^\s'\",;:()]+", "(a path)", message)
 
-    def set_source(self, source):
-        "Choose what this slot loads next; a pair is used as it is."
-        if isinstance(source, (tuple, list)):
-            if len(source) != 2: raise TypeError("a model must be given as a (model, processor) pair")
-            with self.lock: self.source, self.pair = "in-memory model", tuple(source)
-        elif source is None or isinstance(source, (str, Path)):
-            if source is not None and not str(source).strip(): source = None
-            with self.lock: self.source, self.pair = source, None
-        else: raise TypeError(f"a model is None, a checkpoint folder, a Hub id or a (model, processor) pair; got {type(source).__name__}")
+@dataclass(frozen=True)
+class Offer:
+    "One model a visitor may choose: its name in the menu, what it is, and where it comes from."
+    name: str  # what the menu calls it
+    what: str  # one line for the menu
+    source: object  # a registry `ModelEntry`, a checkpoint folder (Path), a Hub id (str), or a (model, processor) pair
+    hub: bool = False  # a Hub id a visitor typed (only with allow_hub): never read as a local folder
 
     @property
-    def name(self) -> str:
-        if self.source is None: return self.default_name
-        return str(self.source) if not Path(str(self.source)).is_absolute() else Path(self.source).name
+    def key(self):
+        "What the shared cache keys the loaded model by: its source."
+        s = self.source
+        if isinstance(s, tuple): return ("memory", id(s[0]))
+        if isinstance(s, Path): return ("folder", str(s))
+        return ("hub" if self.hub else "source", str(getattr(s, "path_fn", s)))
 
-    def get(self):
-        "The (model, processor) pair, loaded (or trained) on first use."
-        with self.lock:
-            if self.pair is None:
-                if self.source is None:
-                    if self.default is None: raise ValueError("this side has no model: load a checkpoint folder or a Hub id")
-                    self.pair = self.default()
-                else: self.pair = _load_source(self.source)
-            return self.pair
+    def label(self) -> str: return f"{self.name}: {self.what}"
 
-    def load(self, source):
-        "Load `source` now; on failure the slot keeps the model it had."
-        new = ModelSlot(source, self.default, self.default_name, self.max_new_tokens)
-        new.get()  # raises load_vlm's clear error; `self` is untouched
-        with self.lock: self.source, self.pair = new.source, new.pair
-        return self
+    @property
+    def make_answer(self):
+        "How this model answers: its registry entry's answerer for a course model, LLaVA-style generation otherwise."
+        return self.source.answering if hasattr(self.source, "answering") else answerer
 
-    def answer(self, images: list, prompts) -> list:
-        "The model's greedy answers, one request at a time."
-        model, proc = self.get()
-        with self.lock: return generate(model, proc, images, prompts, max_new_tokens=self.max_new_tokens)
+    def load(self):
+        "(model, processor), trained first for a course model that is not cached yet; errors name the model, never a server path."
+        s = self.source
+        if isinstance(s, tuple): return s
+        try:
+            if hasattr(s, "path_fn"): return s.load(device=default_device())  # a course model, by its registry entry's loader
+            if self.hub and Path(s).expanduser().exists(): raise ValueError("a local path, not a Hub id")
+            return load_vlm(s, device=default_device())
+        except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+            if self.hub: raise ValueError(f"could not load {self.name!r} from the Hugging Face Hub: check the id, and that the server is online") from None
+            raise ValueError(f"the model {self.name!r} could not be loaded: " + _no_paths(str(e), s if isinstance(s, Path) else None, self.name)) from None
 
-# %% ../nbs/12_demo.ipynb 30
+class ModelMenu:
+    """The models visitors may choose, by name: the course's registry, the operator's own (`--left`, `--right`),
+    checkpoint folders under `models_dir`, and Hub ids only when `allow_hub`. Anything else gets one message."""
+    def __init__(self, extra: dict = None, # {name: Offer}: the models the operator named
+                 models_dir=None, # a folder whose checkpoint folders (with a config.json, up to two levels down) are offered
+                 allow_hub: bool = False, # also accept Hugging Face Hub ids (owner/name)
+                ):
+        self.models_dir = None
+        if models_dir is not None:
+            self.models_dir = Path(models_dir).expanduser().resolve()
+            if not self.models_dir.is_dir(): raise FileNotFoundError(f"no folder at {models_dir}: pass --models-dir a folder of checkpoint folders")
+        self.allow_hub = allow_hub
+        self.fixed = {e.name: Offer(e.name, f"{e.what} ({e.lesson})", e) for e in models().values()} | dict(extra or {})
+        self._folders = {}
+
+    def folders(self) -> dict:
+        "The checkpoint folders under `models_dir`, by their path relative to it (looked for again at each call)."
+        found = {}
+        if self.models_dir is not None:
+            for cfg in sorted([*self.models_dir.glob("*/config.json"), *self.models_dir.glob("*/*/config.json")]):
+                name = cfg.parent.relative_to(self.models_dir).as_posix()
+                if name not in self.fixed: found[name] = Offer(name, "a checkpoint folder on this server", cfg.parent)
+        self._folders = found
+        return found
+
+    def offers(self) -> dict:
+        "Every model on the menu now, {name: Offer}."
+        return {**self.fixed, **self.folders()}
+
+    def refusal(self, name) -> str:
+        "The one message for anything not on the menu: the same whether or not such a file exists on the server."
+        hub = ", or type a Hugging Face Hub id (owner/name)" if self.allow_hub else ""
+        if not (isinstance(name, str) and name.strip()): return f"no model given: choose one from the list{hub}"
+        return f"{repr(name.strip())[:80]} is not a model this app offers: choose one from the list{hub}"
+
+    def resolve(self, name) -> Offer:
+        "The `Offer` called `name`, or the refusal."
+        if isinstance(name, str):
+            name = name.strip()
+            if name in self.fixed: return self.fixed[name]
+            if name in self._folders or name in self.folders(): return self._folders[name]
+            if self.allow_hub and HUB_ID.match(name) and ".." not in name: return Offer(name, "a Hugging Face Hub model", name, hub=True)
+        raise ValueError(self.refusal(name))
+
+# %% ../nbs/12_demo.ipynb 27
+class LoadedModel:
+    "A (model, processor) pair in the shared cache, with its own lock: it answers one request at a time."
+    def __init__(self, make_answer=answerer): # (model, processor, **generate_kw) -> answer(images, questions)
+        self.lock, self.model, self.processor, self.make_answer = threading.RLock(), None, None, make_answer
+
+    @property
+    def loaded(self) -> bool: return self.model is not None
+
+    def answer(self, images: list, prompts, max_new_tokens: int = DemoConfig.max_new_tokens) -> list:
+        "The model's greedy answers."
+        with self.lock: return self.make_answer(self.model, self.processor, max_new_tokens=max_new_tokens)(images, prompts)
+
+    def describe(self) -> str:
+        p = next(self.model.parameters())
+        return f"loaded: {sum(q.numel() for q in self.model.parameters()):,} parameters on {p.device}"
+
+class ModelCache:
+    "Loaded models shared by every visitor: a bounded LRU keyed by source; loading one model never holds up another."
+    def __init__(self, size: int = DemoConfig.cache_size): # the most models kept loaded
+        if size < 2: raise ValueError(f"the cache must hold both sides' models, at least 2, got {size}")
+        self.size, self._lock, self._items = size, threading.Lock(), OrderedDict()
+
+    def get(self, key, load, make_answer=answerer) -> LoadedModel:
+        "The model under `key`, loaded by `load()` on a miss; the least recently used beyond `size` is dropped."
+        with self._lock:  # held for a dictionary update only
+            m = self._items.get(key)
+            if m is None: m = self._items[key] = LoadedModel(make_answer)
+            self._items.move_to_end(key)
+        with m.lock:  # one load per key; the same lock then serialises its answers
+            if not m.loaded:
+                try: m.model, m.processor = load()
+                except BaseException:
+                    with self._lock:
+                        if self._items.get(key) is m: del self._items[key]  # a failed load is not cached, and evicts nothing
+                    raise
+        with self._lock:
+            while len(self._items) > self.size: self._items.popitem(last=False)  # a request still using it keeps its reference
+        return m
+
+    def peek(self, key):
+        "The loaded model under `key`, or None: loads nothing."
+        m = self._items.get(key)
+        return m if m is not None and m.loaded else None
+
+    def __len__(self): return len(self._items)
+
+# %% ../nbs/12_demo.ipynb 33
 CAPTION_METRICS = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "exact": "exact caption", "recall": "object recall"}
 POPE_METRICS = {"accuracy": "POPE accuracy", "precision": "POPE precision", "recall": "POPE recall", "f1": "POPE F1", "yes_ratio": "POPE yes-ratio"}
+NOT_A_SCENE = ("This upload is not a Shapes world scene. The models have only ever seen 32-pixel scenes of coloured shapes "
+               "on a dark background: what they say about it is a guess in shape words, not a description.")
 
 class SideBySide:
-    "Two models and the demo's actions on them."
-    def __init__(self, left=None, # None (the base model), a checkpoint folder, a Hub id, or a (model, processor) pair
-                 right=None, # None (the best aligned model), or as `left`
-                 cfg: DemoConfig = DemoConfig()):
-        self.cfg = cfg
-        self.slots = {"left": ModelSlot(left, _default_left, "base (02_llava)", cfg.max_new_tokens),
-                      "right": ModelSlot(right, _default_right, "best aligned (07_preference)", cfg.max_new_tokens)}
+    "The demo's actions for one visitor's choice of two models; the loaded models are shared by all visitors, in a bounded cache."
+    def __init__(self, left=None, # None ('base'), a course model's name, a checkpoint folder, a Hub id, or a (model, processor) pair
+                 right=None, # None ('aligned'), or as `left`
+                 cfg: DemoConfig = DemoConfig(),
+                 models_dir=None, # offer the checkpoint folders under this folder too
+                 allow_hub: bool = False, # accept Hub ids typed by visitors
+                ):
+        self.cfg, extra, self.default = cfg, {}, {}
+        registry = models()
+        for side, src, fallback in (("left", left, "base"), ("right", right, "aligned")):
+            if src is None or (isinstance(src, str) and src.strip() in registry):
+                self.default[side] = (src or fallback).strip()
+                continue
+            if isinstance(src, (tuple, list)):
+                if len(src) != 2: raise TypeError("a model must be given as a (model, processor) pair")
+                offer = Offer(f"{side} model (in memory)", "a model passed to build_app", tuple(src))
+            elif isinstance(src, (str, Path)):
+                p = Path(str(src)).expanduser()
+                local = isinstance(src, Path) or p.exists() or str(src).startswith((".", "/", "~"))
+                name = p.name if local else str(src)
+                if name in registry or (name in extra and extra[name].source != (p if local else str(src))): name = str(src)
+                offer = Offer(name, "a checkpoint folder the operator chose" if local else "a Hub model the operator chose", p if local else str(src))
+            else: raise TypeError(f"a model is None, a course model's name, a checkpoint folder, a Hub id or a (model, processor) pair; got {type(src).__name__}")
+            extra[offer.name], self.default[side] = offer, offer.name
+        self.menu = ModelMenu(extra, models_dir, allow_hub)
+        self.cache = ModelCache(cfg.cache_size)
 
-    def names(self) -> dict: return {side: f"{side}: {s.name}" for side, s in self.slots.items()}
+    def choice(self, choice: dict = None) -> dict:
+        "A visitor's {side: model name}, the operator's defaults filling what it lacks."
+        return {**self.default, **{s: n for s, n in (choice or {}).items() if s in SIDES and n}}
 
-    def image_and_truth(self, image, truth):
-        "The image the models see and the set of objects in it (None for an upload)."
+    def model(self, name: str) -> LoadedModel:
+        "The loaded model called `name` (loaded, or trained, on first use), from the shared cache."
+        offer = self.menu.resolve(name)
+        return self.cache.get(offer.key, offer.load, offer.make_answer)
+
+    def names(self, choice: dict = None) -> dict: return {side: f"{side}: {n}" for side, n in self.choice(choice).items()}
+
+    def choose(self, side: str, name: str, choice: dict = None) -> dict:
+        "The visitor's choice with `side` set to `name`, loaded now so that a bad one fails here; `choice` itself is not changed."
+        if side not in SIDES: raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        name = name.strip() if isinstance(name, str) else name
+        self.model(name)
+        return {**self.choice(choice), side: name}
+
+    def status(self, choice: dict = None) -> str:
+        "Markdown: each side's model, what it is, and whether it is loaded."
+        out = []
+        for side, name in self.choice(choice).items():
+            try: offer = self.menu.resolve(name)
+            except ValueError as e:
+                out.append(f"**{side}**: {md_escape(e)}")
+                continue
+            m = self.cache.peek(offer.key)
+            out.append(f"**{side}**: {md_escape(name)}: {md_escape(offer.what)} ({m.describe() if m else 'loaded when first asked'})")
+        return "  \n".join(out)
+
+    def image_and_truth(self, image, truth) -> tuple:
+        "(the image the models see, the set of objects in it or None for an upload, a note for an upload that is not a Shapes world scene)."
         scene = scene_from_truth(truth, self.cfg.world)
-        if scene is not None: return render(scene, self.cfg.world), scene.shapes
-        return read_image(image, self.cfg.max_pixels), None
+        if scene is not None: return render(scene, self.cfg.world), scene.shapes, ""
+        img = read_image(image, self.cfg.max_pixels)
+        return img, None, "" if is_world_image(img, self.cfg.world) else NOT_A_SCENE
 
-    def ask(self, image, truth, prompt: str) -> tuple:
+    def ask(self, image, truth, prompt: str, choice: dict = None) -> tuple:
         "(left segments, right segments, verdict markdown) for one image and prompt."
         prompt = tidy_prompt(prompt, self.cfg.max_prompt_chars)
-        img, shapes = self.image_and_truth(image, truth)
+        img, shapes, note = self.image_and_truth(image, truth)
+        asked = presence_object(prompt, self.cfg.world.shapes) if shapes is not None else None
         segs, lines = [], []
-        for side, slot in self.slots.items():
-            unknown = unknown_words(slot.get()[1], prompt)
-            if unknown: gr.Warning(f"the {side} model does not know the words {unknown}: it reads each as one unknown token")
-            text = slot.answer([img], prompt)[0]
-            segs.append(answer_segments(text, shapes, self.cfg.world.shapes))
-            bad = list(dict.fromkeys(s for s, l in segs[-1] if l == "hallucinated"))
-            lines.append(f"**{self.names()[side]}**: " + ("no ground truth for an uploaded image" if shapes is None else
-                         f"hallucinated {', '.join(bad)}" if bad else "no hallucinated object"))
+        for side, title in self.names(choice).items():
+            m = self.model(self.choice(choice)[side])
+            unknown = unknown_words(m.processor, prompt)
+            text = m.answer([img], prompt, self.cfg.max_new_tokens)[0]
+            segs.append(answer_segments(text, shapes, self.cfg.world.shapes, asked))
+            line = f"**{md_escape(title)}**: {md_escape(verdict(text, shapes, self.cfg.world.shapes, asked))}"
+            if unknown: line += f" (it does not know the words {md_escape(', '.join(unknown))}: it reads each as one unknown token)"
+            lines.append(line)
+        if note: lines.append(f"*{md_escape(note)}*")
         return segs[0], segs[1], "  \n".join(lines)
 
-    def probe(self, image, truth) -> tuple:
+    def disagreement(self, prompt: str, # the question both models answer
+                     start: int, # the first seed tried
+                     choice: dict = None, tries: int = None, # default: `cfg.disagreement_tries`
+                    ) -> tuple:
+        "(seed, tried, found): the first counter-prior scene from `start` on which the two models' answers differ."
+        prompt, start = tidy_prompt(prompt, self.cfg.max_prompt_chars), check_seed(start, "seed", self.cfg.max_seed)
+        ms = [self.model(n) for n in self.choice(choice).values()]
+        seeds = range(start, min(start + (tries or self.cfg.disagreement_tries), self.cfg.max_seed + 1))
+        for k, s in enumerate(seeds, 1):
+            img = render(sample_scenes(self.cfg.world, 1, seed=s, kind="counter")[0], self.cfg.world)
+            a, b = (m.answer([img], prompt, self.cfg.max_new_tokens)[0] for m in ms)
+            if a != b: return s, k, True
+        return seeds[-1], len(seeds), False
+
+    def probe(self, image, truth, choice: dict = None) -> tuple:
         "(a table of both models' yes/no to 'is there a ... ?' for every object, a summary markdown)."
-        img, shapes = self.image_and_truth(image, truth)
+        img, shapes, note = self.image_and_truth(image, truth)
         objects = list(self.cfg.world.shapes)
         qs = [presence_question(o) for o in objects]
         labels = ["yes" if o in shapes else "no" for o in objects] if shapes is not None else None
         table = pd.DataFrame({"object": objects, "truth": labels or ["?"] * len(objects)})
         lines = []
-        for side, slot in self.slots.items():
-            replies = slot.answer([img] * len(qs), qs)
+        for side, title in self.names(choice).items():
+            replies = self.model(self.choice(choice)[side]).answer([img] * len(qs), qs, self.cfg.max_new_tokens)
             said = [pope_answer(r) for r in replies]
-            table[self.names()[side]] = [s if labels is None else f"{s} {'✓' if s == l else '✗'}" for s, l in zip(said, labels or said)]
+            table[title] = [s if labels is None else f"{s} {'✓' if s == l else '✗'}" for s, l in zip(said, labels or said)]
             if labels is not None:
                 m = pope_metrics(replies, labels)
-                lines.append(f"**{self.names()[side]}**: {sum(s == l for s, l in zip(said, labels))}/{len(objects)} right, yes-ratio {m['yes_ratio']:.2f}")
+                lines.append(f"**{md_escape(title)}**: {sum(s == l for s, l in zip(said, labels))}/{len(objects)} right, yes-ratio {m['yes_ratio']:.2f}")
         if labels is None: lines.append("no ground truth for an uploaded image: the table shows the answers only")
+        if note: lines.append(f"*{md_escape(note)}*")
         return table, "  \n".join(lines)
 
     def batch(self, n: int, # how many fresh scenes
               seed: int = 0, # their seed
               kind: str = DemoConfig.kind, # their kind
               split: str = "adversarial", # POPE's split
-              progress: bool = False) -> tuple:
-        "(a table of CHAIR and POPE for both models over `n` new scenes, a bar chart of it)."
-        n, seed = _seed(n, "number of scenes"), _seed(seed)
+              progress: bool = False, choice: dict = None) -> tuple:
+        "(a table of CHAIR and POPE, one row per metric and one column per model, over `n` new scenes; a bar chart of it)."
+        n, seed = check_seed(n, "number of scenes", self.cfg.max_seed), check_seed(seed, "seed", self.cfg.max_seed)
         if not 1 <= n <= self.cfg.max_batch_scenes: raise ValueError(f"the number of scenes must be between 1 and {self.cfg.max_batch_scenes}, got {n}")
         if kind not in SCENE_KINDS: raise ValueError(f"the kind must be one of {SCENE_KINDS}, got {kind!r}")
         if split not in POPE_SPLITS: raise ValueError(f"POPE's split must be one of {POPE_SPLITS}, got {split!r}")
         scenes = sample_scenes(self.cfg.world, n, seed=seed, kind=kind)
-        rows = {}
-        for side, slot in self.slots.items():
-            model, proc = slot.get()
-            with slot.lock:
-                c = evaluate_captions(answerer(model, proc, progress=progress), scenes, self.cfg.world)
-                p = evaluate_pope(answerer(model, proc, progress=progress), scenes, self.cfg.world, split)
-            rows[self.names()[side]] = {**{v: c[k] for k, v in CAPTION_METRICS.items()}, **{v: p[k] for k, v in POPE_METRICS.items()}}
-        table = pd.DataFrame(rows).T.rename_axis("model").reset_index()
+        cols = {}
+        for side, title in self.names(choice).items():
+            m = self.model(self.choice(choice)[side])
+            with m.lock:
+                kw = {"progress": progress} if m.make_answer is answerer else {}  # LLaVA-style generation shows a progress bar
+                c = evaluate_captions(m.make_answer(m.model, m.processor, **kw), scenes, self.cfg.world)
+                p = evaluate_pope(m.make_answer(m.model, m.processor, **kw), scenes, self.cfg.world, split)
+            cols[title] = {**{v: c[k] for k, v in CAPTION_METRICS.items()}, **{v: p[k] for k, v in POPE_METRICS.items()}}
+        table = pd.DataFrame(cols).rename_axis("metric").reset_index()
         return table, metrics_chart(table, f"{n} {kind} scenes, seed {seed}; POPE {split}")
 
-    def load(self, side: str, source) -> str:
-        "Replace the model of one side ('left' or 'right'); returns a one-line status."
-        if side not in self.slots: raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-        self.slots[side].load(source)
-        return self.status()
-
-    def status(self) -> str:
-        out = []
-        for side, s in self.slots.items():
-            state = "not loaded yet" if s.pair is None else f"{sum(p.numel() for p in s.pair[0].parameters()):,} parameters on {next(s.pair[0].parameters()).device}"
-            out.append(f"**{side}**: {s.name} ({state})")
-        return "  \n".join(out)
-
-def metrics_chart(table: pd.DataFrame, title: str = "") -> Figure:
-    "Grouped bars: one group per metric, one bar per model."
-    metrics = [c for c in table.columns if c != "model"]
-    fig = Figure(figsize=(9, 3.2))
+def metrics_chart(table: pd.DataFrame, # one row per metric ('metric' column), one column per model
+                  title: str = "") -> Figure:
+    "Grouped bars: one group per metric, one bar per model, each bar labelled with its value (so a 0 is seen, not missed)."
+    metrics, names = list(table["metric"]), [c for c in table.columns if c != "metric"]
+    fig = Figure(figsize=(9, 3.4))
     ax = fig.subplots()
-    w = 0.8 / len(table)
-    for k, (_, row) in enumerate(table.iterrows()):
-        ax.bar(np.arange(len(metrics)) + (k - (len(table) - 1) / 2) * w, [row[m] for m in metrics], w, label=row["model"])
+    w = 0.8 / len(names)
+    for k, name in enumerate(names):
+        bars = ax.bar(np.arange(len(metrics)) + (k - (len(names) - 1) / 2) * w, table[name], w, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     ax.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
 
-# %% ../nbs/12_demo.ipynb 32
+# %% ../nbs/12_demo.ipynb 35
 def image_input(**kw) -> gr.Image:
-    "A `gr.Image` that hands the handler a file path in the file's own mode, and refuses a non-image file with a clear message."
+    "A `gr.Image` that hands the handler a file path in the file's own mode, or a `RefusedUpload` saying why a file cannot be read."
     box = gr.Image(type="filepath", image_mode=None, **kw)
     plain = box.preprocess  # Gradio's own: opens the file's header with PIL, which fails on a non-image
     def preprocess(payload):
         try: return plain(payload)
-        except gr.Error: raise
-        except Image.DecompressionBombError as e: raise gr.Error(f"the image is far too large ({e})") from None
+        except Image.DecompressionBombError as e: return RefusedUpload(f"the image is far too large ({e})")
         except Exception:
             name = getattr(payload, "orig_name", None) or "the file"
-            raise gr.Error(f"{name} is not an image file that can be read: upload a {IMAGE_FORMATS} image") from None
+            return RefusedUpload(f"{name} is not an image file that can be read: upload a {IMAGE_FORMATS} image")
     box.preprocess = preprocess
     return box
 
-def _user_errors(f):
-    "Run a handler, turning its clear input errors into the message Gradio shows."
-    import functools
-    @functools.wraps(f)
-    def g(*args, **kw):
-        try: return f(*args, **kw)
-        except (ValueError, TypeError, FileNotFoundError, ImportError) as e: raise gr.Error(str(e), print_exception=False) from None
-    return g
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)  # the clear messages; anything else is a bug
+
+def message_html(text: str = "", # the message; empty clears the box
+                 kind: str = "error", # 'error' or 'info'
+                ) -> str:
+    "An inline message for the `gr.HTML` box beside a control, HTML-escaped so it shows exactly as written."
+    if not text: return ""
+    colour, icon, role = ("#b42318", "⚠ ", "alert") if kind == "error" else ("#175cd3", "", "status")
+    return f'<div class="vlm-{kind}" role="{role}" style="color:{colour};font-weight:600;margin:2px 0">{icon}{html.escape(str(text))}</div>'
+
+def _error_text(e: Exception) -> str: return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+def _inline(n_outputs: int):
+    """A handler's clear input errors become a message in its inline box (its last output), and its other outputs stay
+    as they were (`gr.skip()`), so that a bad input loses nothing and no error badge covers a control."""
+    def deco(f):
+        @functools.wraps(f)
+        def g(*args, **kw):
+            try: out = f(*args, **kw)
+            except USER_ERRORS as e: return (*[gr.skip()] * n_outputs, message_html(_error_text(e)))
+            return out if len(out) == n_outputs + 1 else (*out, "")
+        return g
+    return deco
 
 DEFAULT_PROMPTS = (CAPTION_PROMPT, "is there a circle in the image ?", "is there a square in the image ?",
                    "how many objects are there ?", "what colour is the triangle ?", "where is the diamond ?")
 
-# %% ../nbs/12_demo.ipynb 33
-def build_app(left=None, # None: the course's base model; or a checkpoint folder, a Hub id, a (model, processor) pair
+# %% ../nbs/12_demo.ipynb 36
+def build_app(left=None, # None: the course's base model; or a course model's name, a checkpoint folder, a Hub id, a (model, processor) pair
               right=None, # None: the course's best aligned model; or as `left`
               cfg: DemoConfig = DemoConfig(), # limits and defaults
+              models_dir=None, # also offer visitors the checkpoint folders under this folder
+              allow_hub: bool = False, # also accept Hub ids that visitors type
+              first_seed: int = 0, # the scene a new visitor sees first (`serve` picks one where the two models differ)
              ) -> gr.Blocks:
     "The side-by-side hallucination checker as a `gr.Blocks` app (not launched)."
-    sbs = SideBySide(left, right, cfg)
+    sbs = SideBySide(left, right, cfg, models_dir, allow_hub)
     names = sbs.names()
     objects = ", ".join(cfg.world.shapes)
+    short_kinds = {"prior": "as in training", "typical": "every partner present", "counter": "a partner missing"}
+    kind_info = "; ".join(f"{k}: {short_kinds[k]}" for k in SCENE_KINDS)
 
-    @_user_errors
-    def on_scene(seed, kind): return new_scene(seed, kind, cfg)
+    def scene_outputs(seed, kind):
+        big, t, s = new_scene(seed, kind, cfg)
+        return big, t, truth_markdown(t, cfg.world), s
 
-    @_user_errors
-    def on_ask(image, truth, prompt, progress=gr.Progress(track_tqdm=True)): return sbs.ask(image, truth, prompt)
+    @_inline(4)
+    def on_scene(seed, kind): return scene_outputs(seed, kind)
 
-    @_user_errors
-    def on_probe(image, truth, progress=gr.Progress(track_tqdm=True)): return sbs.probe(image, truth)
+    @_inline(4)
+    def on_next(seed, kind): return scene_outputs(check_seed(seed, max_seed=cfg.max_seed) + 1, kind)
 
-    @_user_errors
-    def on_batch(n, seed, kind, split, progress=gr.Progress(track_tqdm=True)): return sbs.batch(n, seed, kind, split, progress=True)
+    def on_first(): return scene_outputs(app.first_seed, cfg.kind)
 
-    def on_load(side):
-        @_user_errors
-        def f(source, progress=gr.Progress(track_tqdm=True)):
-            status = sbs.load(side, source or None)
-            return status, gr.HighlightedText(label=sbs.names()[side])
+    @_inline(8)
+    def on_find(seed, prompt, choice, progress=gr.Progress(track_tqdm=True)):
+        start = check_seed(seed, max_seed=cfg.max_seed) + 1
+        s, tried, found = sbs.disagreement(prompt, start, choice)
+        big, t, md, s = scene_outputs(s, "counter")
+        l, r, v = sbs.ask(None, t, prompt, choice)
+        scenes = f"{tried} counter-prior scene{'s' if tried > 1 else ''} (seed {start}{f' to {s}' if s > start else ''})"
+        msg = (f"Tried {scenes}: the two models answer differently on seed {s}." if found else
+               f"Tried {scenes}: the two models gave the same answer on every one. Showing the last; click again to go on.")
+        return big, t, md, s, "counter", l, r, v, message_html(msg, "info")
+
+    def clear_answers(msg):  # a new scene's answers are not the old scene's
+        return (gr.skip(),) * 3 if msg else (gr.update(value=None), gr.update(value=None), "")
+
+    @_inline(3)
+    def on_ask(image, truth, prompt, choice, progress=gr.Progress(track_tqdm=True)): return sbs.ask(image, truth, prompt, choice)
+
+    @_inline(2)
+    def on_probe(image, truth, choice, progress=gr.Progress(track_tqdm=True)): return sbs.probe(image, truth, choice)
+
+    @_inline(2)
+    def on_batch(n, seed, kind, split, choice, progress=gr.Progress(track_tqdm=True)):
+        table, fig = sbs.batch(n, seed, kind, split, progress=True, choice=choice)
+        return table.round(3), fig
+
+    def on_choose(side):
+        @_inline(3)
+        def f(name, choice, progress=gr.Progress(track_tqdm=True)):
+            choice = sbs.choose(side, name, choice)
+            return choice, sbs.status(choice), gr.update(label=sbs.names(choice)[side], value=None)
         return f
 
+    def menu(): return [(o.label(), name) for name, o in sbs.menu.offers().items()]
+
+    def on_visit(choice):  # each visitor's own labels and status, and the menu as it is now
+        n, items = sbs.names(choice), menu()
+        return (sbs.status(choice), gr.update(label=n["left"]), gr.update(label=n["right"]),
+                gr.update(choices=items, value=sbs.choice(choice)["left"]), gr.update(choices=items, value=sbs.choice(choice)["right"]))
+
+    hub = " Type a Hugging Face Hub id (owner/name) to load one from the Hub." if allow_hub else ""
     with gr.Blocks(title="vlmcourse: side-by-side hallucination check", analytics_enabled=False) as app:
-        app.side_by_side = sbs  # for tests and notebooks
+        app.side_by_side, app.first_seed = sbs, first_seed  # for tests and notebooks; `serve` sets the first seed
+        choice = gr.State(dict(sbs.default))  # this visitor's two models, by name: never shared with another session
         gr.Markdown(f"## Side by side: does the model see it, or guess it?\nTwo models answer the same question about the same image. "
-                    f"In a Shapes world scene, every object a model names is marked: green when it is in the scene, red when the model invented it. "
-                    f"The objects the models know: {objects}.")
+                    f"In a Shapes world scene, every object a model names is marked: green when it is in the scene, red when the model invented it; "
+                    f"a *yes* to *is there a ...?* about an absent object is red too, and a *no* about a present one orange (missed). "
+                    f"The objects the models know: {objects}. They have only ever seen 32-pixel Shapes world scenes.")
         with gr.Row():
             with gr.Column(scale=1):
                 image = image_input(label="image: upload one, or draw a Shapes world scene", format="png", height=280,
                                     sources=["upload", "clipboard"], elem_id="image")
                 with gr.Row():
-                    seed = gr.Number(0, precision=0, label="scene seed", elem_id="seed")
-                    kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="scene kind", elem_id="kind")
-                new_btn = gr.Button("New scene", elem_id="new-scene")
-                truth = gr.JSON(label="ground truth (Shapes world scenes only)", elem_id="truth")
+                    seed = gr.Number(first_seed, precision=0, label=f"scene seed (0 to {cfg.max_seed:,})", elem_id="seed")
+                    kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="scene kind", info=kind_info, elem_id="kind")
+                with gr.Row():
+                    draw_btn = gr.Button("Draw scene", elem_id="new-scene", size="sm")
+                    next_btn = gr.Button("Next scene", elem_id="next-scene", size="sm")
+                    find_btn = gr.Button("Find a disagreement", elem_id="find", size="sm", variant="secondary")
+                scene_msg = gr.HTML(elem_id="scene-msg")
+                truth_md = gr.Markdown(elem_id="truth-view")
+                with gr.Accordion("ground truth as JSON", open=False):
+                    truth = gr.JSON(label="ground truth (Shapes world scenes only)", elem_id="truth")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Ask", id="ask"):
                         prompt = gr.Textbox(CAPTION_PROMPT, label=f"prompt (at most {cfg.max_prompt_chars} characters)", elem_id="prompt")
                         gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=prompt, label="prompts to try")
-                        ask_btn = gr.Button("Ask both models", variant="primary", elem_id="ask")
+                        with gr.Row():
+                            ask_btn = gr.Button("Ask both models", variant="primary", elem_id="ask", scale=1)
+                            ask_msg = gr.HTML(elem_id="ask-msg")
                         with gr.Row():
                             out_l = gr.HighlightedText(label=names["left"], color_map=LABELS, show_legend=True, elem_id="answer-left")
                             out_r = gr.HighlightedText(label=names["right"], color_map=LABELS, show_legend=True, elem_id="answer-right")
-                        verdict = gr.Markdown(elem_id="verdict")
+                        verdict_md = gr.Markdown(elem_id="verdict")
                     with gr.Tab("Probe", id="probe"):
                         gr.Markdown("POPE's question, *is there a ... in the image ?*, for every object the models know. "
                                     "✓ and ✗ compare each answer with the scene's ground truth.")
-                        probe_btn = gr.Button("Probe both models", variant="primary", elem_id="probe")
-                        probe_table = gr.Dataframe(label="answers", interactive=False, elem_id="probe-table")
+                        with gr.Row():
+                            probe_btn = gr.Button("Probe both models", variant="primary", elem_id="probe")
+                            probe_msg = gr.HTML(elem_id="probe-msg")
+                        probe_table = gr.Dataframe(label="answers", interactive=False, wrap=True, elem_id="probe-table")
                         probe_md = gr.Markdown(elem_id="probe-summary")
                     with gr.Tab("Batch", id="batch"):
-                        gr.Markdown("CHAIR on the models' captions and POPE on their yes/no answers, over new scenes (lower CHAIR is better).")
+                        gr.Markdown("CHAIR on the models' captions and POPE on their yes/no answers, over new scenes "
+                                    "(CHAIR: lower is better; POPE: higher is better, and a yes-ratio near the share of true yes).")
                         with gr.Row():
-                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {cfg.max_batch_scenes})")
-                            b_seed = gr.Number(2000, precision=0, label="seed")
-                            b_kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="kind")
+                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {cfg.max_batch_scenes})", elem_id="batch-n")
+                            b_seed = gr.Number(2000, precision=0, label="seed", elem_id="batch-seed")
+                            b_kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="kind", info=kind_info)
                             b_split = gr.Dropdown(list(POPE_SPLITS), value="adversarial", label="POPE split")
-                        batch_btn = gr.Button("Measure both models", variant="primary", elem_id="batch")
-                        batch_table = gr.Dataframe(label="metrics", interactive=False, elem_id="batch-table")
+                        with gr.Row():
+                            batch_btn = gr.Button("Measure both models", variant="primary", elem_id="batch")
+                            batch_msg = gr.HTML(elem_id="batch-msg")
+                        batch_table = gr.Dataframe(label="metrics (one row each; values rounded to 3 places)", interactive=False, wrap=True, elem_id="batch-table")
                         batch_plot = gr.Plot(label="metrics", elem_id="batch-plot")
-                    with gr.Tab("Models", id="models"):
-                        gr.Markdown("Load one of the course's models by name, a checkpoint folder (written by `save_vlm`) or a Hub model id on either side; "
-                                    "leave it empty for the course's default. The course's models:\n\n"
-                                    + "\n".join(f"- `{e.name}` ({e.lesson}): {e.what}" for e in models().values()))
+                    with gr.Tab("Models", id="models") as models_tab:
+                        gr.Markdown("Choose the model on each side. The choice is yours only: other visitors keep theirs. "
+                                    "The models on offer:\n\n" + "\n".join(f"- **{md_escape(o.name)}**: {md_escape(o.what)}" for o in sbs.menu.offers().values())
+                                    + ("\n\nand any Hugging Face Hub id (owner/name)." if allow_hub else ""))
                         status = gr.Markdown(sbs.status(), elem_id="status")
                         with gr.Row():
-                            src_l = gr.Textbox(label="left model", placeholder="a course model (base, oracle, aligned, ...), a checkpoint folder or Hub id", elem_id="source-left")
-                            src_r = gr.Textbox(label="right model", placeholder="a course model (base, oracle, aligned, ...), a checkpoint folder or Hub id", elem_id="source-right")
-                        with gr.Row():
-                            load_l = gr.Button("Load left", elem_id="load-left")
-                            load_r = gr.Button("Load right", elem_id="load-right")
+                            with gr.Column():
+                                dd_l = gr.Dropdown(menu(), value=sbs.default["left"], label="left model", allow_custom_value=True,
+                                                   info="a model from the list." + hub, elem_id="source-left")
+                                use_l = gr.Button("Use on the left", elem_id="load-left")
+                                msg_l = gr.HTML(elem_id="models-msg-left")
+                            with gr.Column():
+                                dd_r = gr.Dropdown(menu(), value=sbs.default["right"], label="right model", allow_custom_value=True,
+                                                   info="a model from the list." + hub, elem_id="source-right")
+                                use_r = gr.Button("Use on the right", elem_id="load-right")
+                                msg_r = gr.HTML(elem_id="models-msg-right")
 
-        new_btn.click(on_scene, [seed, kind], [image, truth, seed], api_name="new_scene")
-        image.upload(lambda: None, None, truth, api_visibility="private")
-        image.clear(lambda: None, None, truth, api_visibility="private")
-        ask_btn.click(on_ask, [image, truth, prompt], [out_l, out_r, verdict], api_name="ask")
-        prompt.submit(on_ask, [image, truth, prompt], [out_l, out_r, verdict], api_visibility="private")
-        probe_btn.click(on_probe, [image, truth], [probe_table, probe_md], api_name="probe")
-        batch_btn.click(on_batch, [b_n, b_seed, b_kind, b_split], [batch_table, batch_plot], api_name="batch")
-        load_l.click(on_load("left"), src_l, [status, out_l], api_name="load_left")
-        load_r.click(on_load("right"), src_r, [status, out_r], api_name="load_right")
+        scene_out = [image, truth, truth_md, seed, scene_msg]
+        app.load(on_first, None, scene_out[:4], api_visibility="private")
+        app.load(on_visit, choice, [status, out_l, out_r, dd_l, dd_r], api_visibility="private")
+        draw_btn.click(on_scene, [seed, kind], scene_out, api_name="new_scene").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        seed.submit(on_scene, [seed, kind], scene_out, api_visibility="private").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        next_btn.click(on_next, [seed, kind], scene_out, api_name="next_scene").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        find_btn.click(on_find, [seed, prompt, choice], [image, truth, truth_md, seed, kind, out_l, out_r, verdict_md, scene_msg], api_name="find_disagreement")
+        for ev in (image.upload, image.clear):
+            ev(lambda: (None, truth_markdown(None), None, None, "", ""), None, [truth, truth_md, out_l, out_r, verdict_md, scene_msg], api_visibility="private")
+        ask_btn.click(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_name="ask")
+        prompt.submit(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_visibility="private")
+        probe_btn.click(on_probe, [image, truth, choice], [probe_table, probe_md, probe_msg], api_name="probe")
+        batch_btn.click(on_batch, [b_n, b_seed, b_kind, b_split, choice], [batch_table, batch_plot, batch_msg], api_name="batch")
+        models_tab.select(lambda c: sbs.status(c), choice, status, api_visibility="private")  # loaded since the page opened?
+        use_l.click(on_choose("left"), [dd_l, choice], [choice, status, out_l, msg_l], api_name="load_left")
+        use_r.click(on_choose("right"), [dd_r, choice], [choice, status, out_r, msg_r], api_name="load_right")
     return app
 
-# %% ../nbs/12_demo.ipynb 35
+# %% ../nbs/12_demo.ipynb 38
 def launch_app(app: gr.Blocks, # from `build_app`
                host: str = "127.0.0.1", # the address to bind: this machine only, by default
                port: int = None, # the port; None lets Gradio pick (7860 or the next free one)
@@ -443,16 +748,22 @@ def launch_app(app: gr.Blocks, # from `build_app`
                          "pick another port (vlmcourse demo --port N)") from None
     return url
 
-def serve(left=None, # the left model: a checkpoint folder or Hub id (default: the course's base model)
-          right=None, # the right model (default: the course's best aligned model)
+def serve(left=None, # the left model: a course model's name, a checkpoint folder or a Hub id (default: 'base')
+          right=None, # the right model (default: 'aligned', the course's best aligned model)
           host: str = "127.0.0.1", # the address to bind
           port: int = 7860, # the port
           share: bool = False, # a public share link (off by default)
+          models_dir=None, # offer visitors the checkpoint folders under this folder too (besides the course's models)
+          allow_hub: bool = False, # let visitors type Hugging Face Hub ids
          ):
-    "Load both models (training them on first use), then serve the side-by-side app until interrupted."
-    app = build_app(left, right)
-    for side, slot in app.side_by_side.slots.items():
-        print(f"{side}: loading {slot.name}" + (" (trained on first use: a few minutes, once)" if slot.source is None else ""), flush=True)
-        slot.get()
-    print(app.side_by_side.status().replace("**", "").replace("  \n", "\n"), flush=True)
+    "Load both default models (training them on first use), find a first scene where they differ, then serve the app until interrupted."
+    app = build_app(left, right, models_dir=models_dir, allow_hub=allow_hub)
+    sbs = app.side_by_side
+    for side, name in sbs.default.items():
+        print(f"{side}: loading {name}" + (" (trained on first use: a few minutes, once)" if name in models() else ""), flush=True)
+        sbs.model(name)
+    print(sbs.status().replace("**", "").replace("\\", "").replace("  \n", "\n"), flush=True)
+    s, tried, found = sbs.disagreement(CAPTION_PROMPT, 0)
+    app.first_seed = s if found else 0
+    print(f"first scene: seed {app.first_seed} (" + (f"the models' captions differ; {tried} scenes tried)" if found else f"no disagreement in {tried} scenes)"), flush=True)
     return launch_app(app, host, port, share, block=True)

@@ -308,7 +308,9 @@ def coco_synonym_table() -> dict:
     "Every word or phrase CHAIR reads as a COCO category (singular and plural) -> the category."
     table = {}
     for cat, words in COCO_SYNONYMS.items():
-        for w in words: table.setdefault(w, cat); table.setdefault(_plural(w), cat)
+        for w in words:
+            table.setdefault(w, cat)
+            table.setdefault(_plural(w), cat)
     return table
 
 def coco_mentions(caption: str) -> list:
@@ -324,7 +326,8 @@ def coco_mentions(caption: str) -> list:
                 cat = table[phrase]
                 if cat == "person" and n == 1 and phrase in ("baby", "babies", "adult", "adults") and k + 1 < len(words) and table.get(words[k + 1]) in _ANIMALS:
                     break  # "baby elephant": the next word names the category
-                found.append(cat); k += n - 1
+                found.append(cat)
+                k += n - 1
                 break
         k += 1
     return list(dict.fromkeys(found))

@@ -20,6 +20,7 @@ class ModelEntry:
     lesson: str  # the notebook that trains it, e.g. '02_llava'
     path_fn: str  # 'module:function' returning its checkpoint folder; the function takes `progress` and trains on first use
     loader: str = "vlmcourse.llava:load_vlm"  # 'module:function' loading (model, processor) from the folder: `load_vlm` unless the lesson needs its own
+    answerer: str = "vlmcourse.llava:answerer"  # 'module:function' making (model, processor, **generate_kw) into answer(images, questions) -> replies
 
     def path(self, progress: bool = True) -> Path:
         "Its checkpoint folder (trained and cached on first use)."
@@ -28,6 +29,10 @@ class ModelEntry:
     def load(self, device: str = None, progress: bool = True):
         "(model, processor), trained on first use, loaded by its `loader`."
         return _resolve(self.loader)(self.path(progress), device=device)
+
+    def answering(self, model, processor, **generate_kw):
+        "The loaded model as `answer(images, questions) -> replies`, the yardstick's and the demo's interface, by its `answerer`."
+        return _resolve(self.answerer)(model, processor, **generate_kw)
 
 def _resolve(spec: str):
     "The function a 'module:function' string names (imported when asked for, so the registry depends on no lesson)."
@@ -40,7 +45,7 @@ INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")  #
 def register(entry: ModelEntry) -> ModelEntry:
     "Add a model to the registry (a module calls this at import); the same entry again is a no-op, another under a taken name an error."
     if not isinstance(entry, ModelEntry): raise TypeError(f"register takes a ModelEntry, not {type(entry).__name__}")
-    for f in ("path_fn", "loader"):
+    for f in ("path_fn", "loader", "answerer"):
         if ":" not in getattr(entry, f): raise ValueError(f"{f} must be 'module:function', got {getattr(entry, f)!r}")
     old = _REGISTRY.get(entry.name)
     if old is not None and old != entry: raise ValueError(f"a model named {entry.name!r} is already registered (by {old.lesson}): choose another name")
