@@ -173,33 +173,34 @@ def test_sequence_logps_is_the_models_loss(ref, proc, pairs):
 
 
 def test_trl_collator_scores_the_same_tokens(proc, pairs):
+    "The course's template closes assistant turns with </s>: TRL's collator scores sft_batch's tokens with nothing patched."
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+    assert for_trl(pairs, proc) is pairs
     imgs, qs, cs, rs = unpack_pairs(pairs)
     ours = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
     T = ours["input_ids"].shape[1]
-    theirs = DataCollatorForVisionPreference(processor=proc)([dict(r) for r in for_trl(pairs, proc)])
+    theirs = DataCollatorForVisionPreference(processor=proc)([dict(r) for r in pairs])
     assert torch.equal(theirs["input_ids"][:, :T] * theirs["attention_mask"][:, :T], ours["input_ids"] * ours["attention_mask"])
     assert torch.equal(theirs["completion_mask"][:, :T].bool(), ours["labels"] != -100)
     assert theirs["attention_mask"][:, T:].sum() == 0
-    # without for_trl, TRL scores the answers without their end-of-sequence token
-    raw = DataCollatorForVisionPreference(processor=proc)([dict(r) for r in pairs])
-    assert (raw["completion_mask"].sum(1) == theirs["completion_mask"].sum(1) - 1).all()
 
 
-def test_for_trl_leaves_a_closing_template_alone(proc, pairs):
-    "A chat template that ends assistant turns with </s> (as real ones end theirs) needs no help: TRL then scores sft_batch's tokens."
+def test_for_trl_closes_answers_for_a_template_that_does_not(proc, pairs):
+    "A template that ends no turn (LLaVA-1.5's): for_trl appends </s> to each answer, as sft_batch does, so TRL scores the same tokens."
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-    closing = copy.deepcopy(proc)
-    old = " {% endfor %}{% if add_generation_prompt %}"
-    assert old in closing.chat_template
-    closing.chat_template = closing.chat_template.replace(old, " {% if m['role'] == 'assistant' %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}")
-    assert for_trl(pairs, closing) is pairs
+    opening = copy.deepcopy(proc)
+    closing_part = "{% if m['role'] == 'assistant' %} </s>{% endif %}"
+    assert closing_part in opening.chat_template
+    opening.chat_template = opening.chat_template.replace(closing_part, "")
+    patched = for_trl(pairs, opening)
+    assert patched is not pairs
     imgs, qs, cs, rs = unpack_pairs(pairs)
-    ours = sft_batch(closing, imgs * 2, qs * 2, cs + rs)
-    theirs = DataCollatorForVisionPreference(processor=closing)([dict(r) for r in pairs])
+    ours = sft_batch(opening, imgs * 2, qs * 2, cs + rs)
     T = ours["input_ids"].shape[1]
-    assert torch.equal(theirs["input_ids"][:, :T] * theirs["attention_mask"][:, :T], ours["input_ids"] * ours["attention_mask"])
+    theirs = DataCollatorForVisionPreference(processor=opening)([dict(r) for r in patched])
     assert torch.equal(theirs["completion_mask"][:, :T].bool(), ours["labels"] != -100)
+    raw = DataCollatorForVisionPreference(processor=opening)([dict(r) for r in pairs])
+    assert (raw["completion_mask"].sum(1) == theirs["completion_mask"].sum(1) - 1).all()  # unpatched, TRL would miss the last token
 
 
 # --- parity with TRL's DPOTrainer -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .clip import to_rgb
-from .llava import check_texts, epoch_batches, sft_batch, split_exchange, train_loop
+from .llava import check_texts, epoch_batches, sft_batch, split_exchange, template_closes_turns, train_loop
 
 # %% auto 0
 __all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
@@ -129,15 +129,11 @@ def answer_lengths(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum(1)
 
 # %% ../nbs/05_dpo.ipynb 34
-def _template_closes_turns(processor) -> bool:
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
-    return processor.apply_chat_template(msgs, tokenize=False).rstrip().endswith(processor.tokenizer.eos_token)
-
 def for_trl(pairs, # preference pairs from `preference_dataset`
             processor, # the model's processor
            ):
     "The pairs as TRL's `DPOTrainer` must see them to score the same tokens as `dpo_train`: each answer closed by the end-of-sequence token."
-    if _template_closes_turns(processor): return pairs
+    if template_closes_turns(processor): return pairs  # the course's template, Qwen2-VL's, SmolVLM's
     eos = processor.tokenizer.eos_token
     def close(turns): return [{**t, "content": [{**p, "text": f"{p['text']} {eos}"} if p["type"] == "text" else p for p in t["content"]]} for t in turns]
     return pairs.map(lambda ex: {"chosen": close(ex["chosen"]), "rejected": close(ex["rejected"])})

@@ -122,7 +122,7 @@ def pack_examples(pairs: list, # (prompt ids, answer ids) per example, tokenised
     return out
 
 def template_closes_turns(processor) -> bool:
-    "Whether the chat template ends an assistant turn with the end-of-sequence token (Qwen2-VL's, SmolVLM's and Vicuna's do; LLaVA-1.5's and the course's do not)."
+    "Whether the chat template ends an assistant turn with the end-of-sequence token (the course's, Qwen2-VL's, SmolVLM's and Vicuna's do; LLaVA-1.5's does not)."
     msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
     return processor.apply_chat_template(msgs, tokenize=False).rstrip().endswith(processor.tokenizer.eos_token)
 

@@ -318,10 +318,12 @@ def to_dataset(scenes: list, cfg: WorldConfig):
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", "<image>")  # ids 0..3: padding, unknown words, end of sequence, image placeholder
 CHAT_WORDS = ("user", "assistant", ":")
 # A chat template in the format `transformers` and TRL expect (content as a list of typed parts). The generation
-# prompt ends with 'assistant :', so that prompt + completion renders exactly as the whole conversation does.
+# prompt ends with 'assistant :', so that prompt + completion renders exactly as the whole conversation does, and an
+# assistant turn ends with '</s>', as the model is trained to stop (and as TRL's collator expects a template to close it).
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
                  "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}"
-                 "{% endif %}{% endfor %}{% endif %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
+                 "{% endif %}{% endfor %}{% endif %}{% if m['role'] == 'assistant' %} </s>{% endif %} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
 
 def build_tokenizer(cfg: WorldConfig):
     "A word-level `PreTrainedTokenizerFast` over the world's words, with `<image>` and a chat template."
