@@ -23,7 +23,7 @@ from .hallucination import EVAL_SEED, hallucination_report
 
 # %% auto 0
 __all__ = ['OBJECTIVES', 'METRICS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align', 'run_sweep', 'results_table',
-           'results_markdown', 'best_aligned_vlm_path', 'best_aligned_vlm']
+           'results_markdown', 't_tail', 'welch', 'best_aligned_vlm_path', 'best_aligned_vlm']
 
 # %% ../nbs/07_preference.ipynb 7
 OBJECTIVES = ("sft", "dpo")
@@ -129,7 +129,28 @@ def results_markdown(table: pd.DataFrame, metrics: list = None) -> str:
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-# %% ../nbs/07_preference.ipynb 33
+# %% ../nbs/07_preference.ipynb 36
+def t_tail(t: float, dof: float) -> float:
+    "Two-sided p-value of Student's t with `dof` degrees of freedom (Simpson's rule on the density; no scipy needed)."
+    t = abs(t)
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    f = lambda u: c * (1 + (t + u / (1 - u)) ** 2 / dof) ** (-(dof + 1) / 2) / (1 - u) ** 2  # x = t + u/(1-u), u in [0, 1)
+    n, h = 20000, 1 / 20000
+    s = f(0) + sum((4 if k % 2 else 2) * f(k * h) for k in range(1, n))  # f(1) = 0 for dof > 1
+    return min(1.0, 2 * s * h / 3)
+
+
+def welch(x, y):
+    "Welch's t statistic, its Welch-Satterthwaite degrees of freedom and the two-sided p-value."
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or len(y) < 2: return float("nan"), float("nan"), float("nan")
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    if vx + vy == 0: return float("inf"), float("nan"), 0.0
+    t = (x.mean() - y.mean()) / math.sqrt(vx + vy)
+    dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    return t, dof, t_tail(t, dof)
+
+# %% ../nbs/07_preference.ipynb 42
 BEST_ALIGNMENT = AlignConfig(objective="dpo", source="bpo_inject", n_pairs=1500, pairs=PairConfig(injections=("add",)),
                              train=DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0), seed=0)  # from 07_preference's sweep
 
