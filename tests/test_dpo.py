@@ -288,7 +288,7 @@ def test_dpo_train_bad_pairs(ref, proc, pairs):
     with pytest.raises(ValueError, match="exactly one image"):
         dpo_train(ref, proc, two, progress=False)
     with pytest.raises(TypeError, match="DPOTrainConfig"):
-        dpo_train(ref, proc, pairs, cfg={"beta": 0.1}, progress=False)
+        dpo_train(ref, proc, pairs, dpo_cfg={"beta": 0.1}, progress=False)
 
 
 

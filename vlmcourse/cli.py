@@ -123,13 +123,13 @@ def _demo(a):
 def _align(a):
     from vlmcourse.real import AlignConfig, align, load_pairs  # 13_real_models
     from vlmcourse.llava import load_vlm
-    cfg = AlignConfig(beta=a.beta, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lora_r=a.lora_r,
+    align_cfg = AlignConfig(beta=a.beta, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lora_r=a.lora_r,
                       lora_alpha=2 * a.lora_r)
     needs_model = a.pairs in ("bpo_noise", "bpo_both", "seva")  # these builders decode with the model itself
     model, proc = load_vlm(a.model, device="cpu") if needs_model else (None, None)
     pairs = load_pairs(a.pairs, n=a.n_pairs, model=model, processor=proc)
     del model
-    out = align(a.model, pairs, a.output, cfg, merge=a.merge, arch=a.arch)
+    out = align(a.model, pairs, a.output, align_cfg, merge=a.merge, arch=a.arch)
     print(f"aligned {a.model} on {len(pairs)} pairs in {out['steps']} steps: adapter in {out['output_dir']}" + (f", merged model in {out['output_dir'] / 'merged'}" if a.merge else ""))
 
 def main(argv=None) -> int:

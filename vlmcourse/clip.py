@@ -140,7 +140,7 @@ def clip_text_inputs(texts: list, # captions or prompts in the world's words
         ids = tok(t)["input_ids"]
         if tok.unk_token_id in ids:
             unknown = [w for w in t.lower().split() if tok.convert_tokens_to_ids(w) == tok.unk_token_id]
-            raise ValueError(f"{unknown} are not words of this world: CLIP's text tower only knows `world_words(cfg)`")
+            raise ValueError(f"{unknown} are not words of this world: CLIP's text tower only knows `world_words(wcfg)`")
         if len(ids) + 1 > max_len: raise ValueError(f"{t!r} has {len(ids)} tokens; the text tower takes at most {max_len - 1} plus end-of-text")
         rows.append(ids + [clip_eot_id(wcfg)])
     if not rows: raise ValueError("texts is empty")
@@ -149,43 +149,43 @@ def clip_text_inputs(texts: list, # captions or prompts in the world's words
     for i, r in enumerate(rows): input_ids[i, :len(r)] = torch.tensor(r)
     return {"input_ids": input_ids, "attention_mask": (torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()}
 
-def clip_config(cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPConfig:
+def clip_config(clip_cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPConfig:
     "A `CLIPConfig` whose vision tower is the VLM's and whose text tower reads the world's words."
-    tok = _tokenizer(cfg.world)
-    eot = clip_eot_id(cfg.world)
-    text = dict(vocab_size=eot + 1, hidden_size=cfg.text_hidden, intermediate_size=2 * cfg.text_hidden, num_hidden_layers=cfg.text_layers,
-                num_attention_heads=cfg.text_heads, max_position_embeddings=cfg.max_text_len,
+    tok = _tokenizer(clip_cfg.world)
+    eot = clip_eot_id(clip_cfg.world)
+    text = dict(vocab_size=eot + 1, hidden_size=clip_cfg.text_hidden, intermediate_size=2 * clip_cfg.text_hidden, num_hidden_layers=clip_cfg.text_layers,
+                num_attention_heads=clip_cfg.text_heads, max_position_embeddings=clip_cfg.max_text_len,
                 pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=eot)
-    return CLIPConfig(text_config=text, vision_config=vision_config(cfg.vision).to_dict(), projection_dim=cfg.embed_dim, logit_scale_init_value=cfg.logit_scale_init)
+    return CLIPConfig(text_config=text, vision_config=vision_config(clip_cfg.vision).to_dict(), projection_dim=clip_cfg.embed_dim, logit_scale_init_value=clip_cfg.logit_scale_init)
 
-def build_clip(cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPModel:
+def build_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPModel:
     "A freshly initialised tiny `CLIPModel`."
-    torch.manual_seed(cfg.seed)
-    return CLIPModel(clip_config(cfg))
+    torch.manual_seed(clip_cfg.seed)
+    return CLIPModel(clip_config(clip_cfg))
 
-def clip_pixel_values(images: list, cfg: ClipTrainConfig = ClipTrainConfig()) -> torch.Tensor:
+def clip_pixel_values(images: list, clip_cfg: ClipTrainConfig = ClipTrainConfig()) -> torch.Tensor:
     "[N, 3, H, W] pixels prepared exactly as the VLM's processor prepares them (same resize and normalisation)."
     if not len(images): raise ValueError("images is empty")
-    return image_processor(cfg.vision)(images=[to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
+    return image_processor(clip_cfg.vision)(images=[to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]
 
 # %% ../nbs/01_clip.ipynb 32
-def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its training
+def train_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its training
                progress: bool = True, # show a progress bar
               ):
     "Train the tiny CLIP on the world's captions; returns (model, history) with the loss and logit scale per step."
-    model = build_clip(cfg)
-    scenes = sample_scenes(cfg.world, cfg.n_scenes, seed=cfg.seed)
-    pixels = clip_pixel_values([render(s, cfg.world) for s in scenes], cfg)  # [N, 3, H, W], prepared once
-    text = clip_text_inputs([caption(s, cfg.world) for s in scenes], cfg.world, cfg.max_text_len)  # [N, L]
-    B = cfg.batch_size
+    model = build_clip(clip_cfg)
+    scenes = sample_scenes(clip_cfg.world, clip_cfg.n_scenes, seed=clip_cfg.seed)
+    pixels = clip_pixel_values([render(s, clip_cfg.world) for s in scenes], clip_cfg)  # [N, 3, H, W], prepared once
+    text = clip_text_inputs([caption(s, clip_cfg.world) for s in scenes], clip_cfg.world, clip_cfg.max_text_len)  # [N, L]
+    B = clip_cfg.batch_size
     per_epoch = len(scenes) // B
-    steps = cfg.epochs * per_epoch
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.cat([torch.randperm(len(scenes), generator=g)[: per_epoch * B] for _ in range(cfg.epochs)]).view(steps, B)
+    steps = clip_cfg.epochs * per_epoch
+    g = torch.Generator().manual_seed(clip_cfg.seed)
+    order = torch.cat([torch.randperm(len(scenes), generator=g)[: per_epoch * B] for _ in range(clip_cfg.epochs)]).view(steps, B)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # weight matrices and embeddings
     rest = [p for p in model.parameters() if p.ndim < 2]  # gains, biases and the temperature
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * steps), steps)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": clip_cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=clip_cfg.lr)
+    sched = get_cosine_schedule_with_warmup(opt, int(clip_cfg.warmup * steps), steps)
     hist, t0 = {"loss": [], "logit_scale": []}, time.time()
     model.train()
     bar = tqdm(range(steps), desc="CLIP", disable=None if progress else True, mininterval=1.0)
@@ -195,11 +195,11 @@ def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its tra
         text_embeds = model.get_text_features(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx]).pooler_output
         loss = clip_loss(image_embeds, text_embeds, model.logit_scale)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_cfg.clip_grad)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad(): model.logit_scale.clamp_(max=cfg.max_logit_scale)  # CLIP's clip: scale <= 100
+        with torch.no_grad(): model.logit_scale.clamp_(max=clip_cfg.max_logit_scale)  # CLIP's clip: scale <= 100
         hist["loss"].append(loss.item())
         hist["logit_scale"].append(model.logit_scale.item())
         if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}", scale=f"{math.exp(hist['logit_scale'][-1]):.1f}")
@@ -207,22 +207,22 @@ def train_clip(cfg: ClipTrainConfig = ClipTrainConfig(), # the model and its tra
     return model.eval(), hist
 
 # %% ../nbs/01_clip.ipynb 34
-def clip_cache_key(cfg: ClipTrainConfig) -> dict:
+def clip_cache_key(clip_cfg: ClipTrainConfig) -> dict:
     "The config as the cache sees it: the whole recipe (the VLM's language model is not in it, so changing that never retrains CLIP)."
-    return asdict(cfg)
+    return asdict(clip_cfg)
 
-def clip_model_path(cfg: ClipTrainConfig = None, progress: bool = True) -> Path:
+def clip_model_path(clip_cfg: ClipTrainConfig = None, progress: bool = True) -> Path:
     "The cached folder of the trained CLIP (`save_pretrained` files and `history.json`), trained on first use."
-    cfg = cfg or ClipTrainConfig()
+    clip_cfg = clip_cfg or ClipTrainConfig()
     def build(folder):
-        model, hist = train_clip(cfg, progress=progress)
+        model, hist = train_clip(clip_cfg, progress=progress)
         model.save_pretrained(folder)
         (folder / "history.json").write_text(json.dumps(hist))
-    return cached_artifact("clip", clip_cache_key(cfg), build)
+    return cached_artifact("clip", clip_cache_key(clip_cfg), build)
 
-def clip_model(cfg: ClipTrainConfig = None, progress: bool = True) -> CLIPModel:
+def clip_model(clip_cfg: ClipTrainConfig = None, progress: bool = True) -> CLIPModel:
     "The trained tiny CLIP (trained once, then loaded from the cache), in eval mode."
-    path = clip_model_path(cfg, progress)
+    path = clip_model_path(clip_cfg, progress)
     prev, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -231,30 +231,30 @@ def clip_model(cfg: ClipTrainConfig = None, progress: bool = True) -> CLIPModel:
         hf_logging.set_verbosity(prev)
         if bars: hf_logging.enable_progress_bar()
 
-def clip_history(cfg: ClipTrainConfig = None) -> dict:
+def clip_history(clip_cfg: ClipTrainConfig = None) -> dict:
     "The training record of the cached CLIP: `loss` and `logit_scale` per step, and `seconds`."
-    return json.loads((clip_model_path(cfg) / "history.json").read_text())
+    return json.loads((clip_model_path(clip_cfg) / "history.json").read_text())
 
 # %% ../nbs/01_clip.ipynb 39
 @torch.no_grad()
-def embed_images(model: CLIPModel, images: list, cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
+def embed_images(model: CLIPModel, images: list, clip_cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
     "[N, embed_dim] unit-norm image embeddings of PIL images."
-    cfg = cfg or ClipTrainConfig()
+    clip_cfg = clip_cfg or ClipTrainConfig()
     model.eval()
     dev = next(model.parameters()).device
-    out = [model.get_image_features(pixel_values=clip_pixel_values(images[i:i + batch_size], cfg).to(dev)).pooler_output
+    out = [model.get_image_features(pixel_values=clip_pixel_values(images[i:i + batch_size], clip_cfg).to(dev)).pooler_output
            for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(out), dim=-1)
 
 @torch.no_grad()
-def embed_texts(model: CLIPModel, texts: list, cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
+def embed_texts(model: CLIPModel, texts: list, clip_cfg: ClipTrainConfig = None, batch_size: int = 256) -> torch.Tensor:
     "[N, embed_dim] unit-norm text embeddings of captions or prompts in the world's words."
-    cfg = cfg or ClipTrainConfig()
+    clip_cfg = clip_cfg or ClipTrainConfig()
     model.eval()
     dev = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = clip_text_inputs(texts[i:i + batch_size], cfg.world, cfg.max_text_len)
+        enc = clip_text_inputs(texts[i:i + batch_size], clip_cfg.world, clip_cfg.max_text_len)
         out.append(model.get_text_features(**{k: v.to(dev) for k, v in enc.items()}).pooler_output)
     return F.normalize(torch.cat(out), dim=-1)
 
@@ -280,7 +280,7 @@ def object_prompts(wcfg: WorldConfig, shape: str = None, colour: str = None) -> 
 def zero_shot_scores(model: CLIPModel, # a trained CLIP
                      image_embeds: torch.Tensor, # [N, embed_dim] unit-norm, from `embed_images`
                      prompts: dict, # class name -> list of prompts
-                     cfg: ClipTrainConfig = None,
+                     clip_cfg: ClipTrainConfig = None,
                      reduce: str = "max", # 'mean': CLIP's prompt ensembling (the mean prompt embedding); 'max': the best prompt
                     ) -> torch.Tensor:
     "[N, C] score of each image for each class, from the cosine similarities to the class's prompts."
@@ -288,11 +288,11 @@ def zero_shot_scores(model: CLIPModel, # a trained CLIP
     if not prompts or any(not p for p in prompts.values()): raise ValueError("prompts must map every class name to a non-empty list of prompts")
     cols = []
     for p in prompts.values():
-        P = embed_texts(model, list(p), cfg)  # [n_prompts, embed_dim]
+        P = embed_texts(model, list(p), clip_cfg)  # [n_prompts, embed_dim]
         cols.append(image_embeds @ F.normalize(P.mean(0), dim=-1) if reduce == "mean" else (image_embeds @ P.T).max(1).values)
     return torch.stack(cols, 1)
 
 # %% ../nbs/01_clip.ipynb 61
-def clip_vision_state_dict(cfg: ClipTrainConfig = None) -> dict:
+def clip_vision_state_dict(clip_cfg: ClipTrainConfig = None) -> dict:
     "The trained CLIP vision tower's weights, keyed as `transformers`' `CLIPVisionModel` (the LLaVA vision tower) keys them."
-    return {k: v.detach().clone() for k, v in clip_model(cfg).vision_model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in clip_model(clip_cfg).vision_model.state_dict().items()}

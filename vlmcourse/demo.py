@@ -178,17 +178,17 @@ def check_seed(seed, # what the seed box or an API call sent
 
 def new_scene(seed: int, # the scene's seed: the same seed and kind give the same scene
               kind: str = DemoConfig.kind, # 'prior', 'typical' or 'counter'
-              cfg: DemoConfig = DemoConfig(),
+              demo_cfg: DemoConfig = DemoConfig(),
              ) -> tuple:
     "(an enlarged picture of the scene for display, its ground truth, its seed)."
-    seed = check_seed(seed, max_seed=cfg.max_seed)
+    seed = check_seed(seed, max_seed=demo_cfg.max_seed)
     if kind not in SCENE_KINDS: raise ValueError(f"the kind must be one of {SCENE_KINDS}, got {kind!r}")
-    scene = sample_scenes(cfg.world, 1, seed=seed, kind=kind)[0]
-    return enlarge(render(scene, cfg.world), cfg), scene_truth(scene, cfg.world, seed), seed
+    scene = sample_scenes(demo_cfg.world, 1, seed=seed, kind=kind)[0]
+    return enlarge(render(scene, demo_cfg.world), demo_cfg), scene_truth(scene, demo_cfg.world, seed), seed
 
-def enlarge(img: Image.Image, cfg: DemoConfig = DemoConfig()) -> Image.Image:
+def enlarge(img: Image.Image, demo_cfg: DemoConfig = DemoConfig()) -> Image.Image:
     "A scene enlarged for display, nearest-neighbour, so its pixels stay crisp."
-    return img.resize((img.width * cfg.display_scale, img.height * cfg.display_scale), Image.NEAREST)
+    return img.resize((img.width * demo_cfg.display_scale, img.height * demo_cfg.display_scale), Image.NEAREST)
 
 # %% ../nbs/12_demo.ipynb 23
 LABELS = {"hallucinated": "red", "missed": "orange", "in the scene": "green"}  # HighlightedText's colour map
@@ -300,9 +300,9 @@ class ModelMenu:
         "The checkpoint folders under `models_dir`, by their path relative to it (looked for again at each call)."
         found = {}
         if self.models_dir is not None:
-            for cfg in sorted([*self.models_dir.glob("*/config.json"), *self.models_dir.glob("*/*/config.json")]):
-                name = cfg.parent.relative_to(self.models_dir).as_posix()
-                if name not in self.fixed: found[name] = Offer(name, "a checkpoint folder on this server", cfg.parent)
+            for config_file in sorted([*self.models_dir.glob("*/config.json"), *self.models_dir.glob("*/*/config.json")]):
+                name = config_file.parent.relative_to(self.models_dir).as_posix()
+                if name not in self.fixed: found[name] = Offer(name, "a checkpoint folder on this server", config_file.parent)
         self._folders = found
         return found
 
@@ -382,11 +382,11 @@ class SideBySide:
     "The demo's actions for one visitor's choice of two models; the loaded models are shared by all visitors, in a bounded cache."
     def __init__(self, left=None, # None ('base'), a course model's name, a checkpoint folder, a Hub id, or a (model, processor) pair
                  right=None, # None ('aligned'), or as `left`
-                 cfg: DemoConfig = DemoConfig(),
+                 demo_cfg: DemoConfig = DemoConfig(),
                  models_dir=None, # offer the checkpoint folders under this folder too
                  allow_hub: bool = False, # accept Hub ids typed by visitors
                 ):
-        self.cfg, extra, self.default = cfg, {}, {}
+        self.cfg, extra, self.default = demo_cfg, {}, {}
         registry = models()
         for side, src, fallback in (("left", left, "base"), ("right", right, "aligned")):
             if src is None or (isinstance(src, str) and src.strip() in registry):
@@ -404,7 +404,7 @@ class SideBySide:
             else: raise TypeError(f"a model is None, a course model's name, a checkpoint folder, a Hub id or a (model, processor) pair; got {type(src).__name__}")
             extra[offer.name], self.default[side] = offer, offer.name
         self.menu = ModelMenu(extra, models_dir, allow_hub)
-        self.cache = ModelCache(cfg.cache_size)
+        self.cache = ModelCache(demo_cfg.cache_size)
 
     def choice(self, choice: dict = None) -> dict:
         "A visitor's {side: model name}, the operator's defaults filling what it lacks."
@@ -462,7 +462,7 @@ class SideBySide:
 
     def disagreement(self, prompt: str, # the question both models answer
                      start: int, # the first seed tried
-                     choice: dict = None, tries: int = None, # default: `cfg.disagreement_tries`
+                     choice: dict = None, tries: int = None, # default: `demo_cfg.disagreement_tries`
                     ) -> tuple:
         "(seed, tried, found): the first counter-prior scene from `start` on which the two models' answers differ."
         prompt, start = tidy_prompt(prompt, self.cfg.max_prompt_chars), check_seed(start, "seed", self.cfg.max_seed)
@@ -576,33 +576,33 @@ DEFAULT_PROMPTS = (CAPTION_PROMPT, "is there a circle in the image ?", "is there
 # %% ../nbs/12_demo.ipynb 36
 def build_app(left=None, # None: the course's base model; or a course model's name, a checkpoint folder, a Hub id, a (model, processor) pair
               right=None, # None: the course's best aligned model; or as `left`
-              cfg: DemoConfig = DemoConfig(), # limits and defaults
+              demo_cfg: DemoConfig = DemoConfig(), # limits and defaults
               models_dir=None, # also offer visitors the checkpoint folders under this folder
               allow_hub: bool = False, # also accept Hub ids that visitors type
               first_seed: int = 0, # the scene a new visitor sees first (`serve` picks one where the two models differ)
              ) -> gr.Blocks:
     "The side-by-side hallucination checker as a `gr.Blocks` app (not launched)."
-    sbs = SideBySide(left, right, cfg, models_dir, allow_hub)
+    sbs = SideBySide(left, right, demo_cfg, models_dir, allow_hub)
     names = sbs.names()
-    objects = ", ".join(cfg.world.shapes)
+    objects = ", ".join(demo_cfg.world.shapes)
     short_kinds = {"prior": "as in training", "typical": "every partner present", "counter": "a partner missing"}
     kind_info = "; ".join(f"{k}: {short_kinds[k]}" for k in SCENE_KINDS)
 
     def scene_outputs(seed, kind):
-        big, t, s = new_scene(seed, kind, cfg)
-        return big, t, truth_markdown(t, cfg.world), s
+        big, t, s = new_scene(seed, kind, demo_cfg)
+        return big, t, truth_markdown(t, demo_cfg.world), s
 
     @_inline(4)
     def on_scene(seed, kind): return scene_outputs(seed, kind)
 
     @_inline(4)
-    def on_next(seed, kind): return scene_outputs(check_seed(seed, max_seed=cfg.max_seed) + 1, kind)
+    def on_next(seed, kind): return scene_outputs(check_seed(seed, max_seed=demo_cfg.max_seed) + 1, kind)
 
-    def on_first(): return scene_outputs(app.first_seed, cfg.kind)
+    def on_first(): return scene_outputs(app.first_seed, demo_cfg.kind)
 
     @_inline(8)
     def on_find(seed, prompt, choice, progress=gr.Progress(track_tqdm=True)):
-        start = check_seed(seed, max_seed=cfg.max_seed) + 1
+        start = check_seed(seed, max_seed=demo_cfg.max_seed) + 1
         s, tried, found = sbs.disagreement(prompt, start, choice)
         big, t, md, s = scene_outputs(s, "counter")
         l, r, v = sbs.ask(None, t, prompt, choice)
@@ -652,8 +652,8 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                 image = image_input(label="image: upload one, or draw a Shapes world scene", format="png", height=280,
                                     sources=["upload", "clipboard"], elem_id="image")
                 with gr.Row():
-                    seed = gr.Number(first_seed, precision=0, label=f"scene seed (0 to {cfg.max_seed:,})", elem_id="seed")
-                    kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="scene kind", info=kind_info, elem_id="kind")
+                    seed = gr.Number(first_seed, precision=0, label=f"scene seed (0 to {demo_cfg.max_seed:,})", elem_id="seed")
+                    kind = gr.Dropdown(list(SCENE_KINDS), value=demo_cfg.kind, label="scene kind", info=kind_info, elem_id="kind")
                 with gr.Row():
                     draw_btn = gr.Button("Draw scene", elem_id="new-scene", size="sm")
                     next_btn = gr.Button("Next scene", elem_id="next-scene", size="sm")
@@ -665,7 +665,7 @@ def build_app(left=None, # None: the course's base model; or a course model's na
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Ask", id="ask"):
-                        prompt = gr.Textbox(CAPTION_PROMPT, label=f"prompt (at most {cfg.max_prompt_chars} characters)", elem_id="prompt")
+                        prompt = gr.Textbox(CAPTION_PROMPT, label=f"prompt (at most {demo_cfg.max_prompt_chars} characters)", elem_id="prompt")
                         gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=prompt, label="prompts to try")
                         with gr.Row():
                             ask_btn = gr.Button("Ask both models", variant="primary", elem_id="ask", scale=1)
@@ -686,9 +686,9 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                         gr.Markdown("CHAIR on the models' captions and POPE on their yes/no answers, over new scenes "
                                     "(CHAIR: lower is better; POPE: higher is better, and a yes-ratio near the share of true yes).")
                         with gr.Row():
-                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {cfg.max_batch_scenes})", elem_id="batch-n")
+                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {demo_cfg.max_batch_scenes})", elem_id="batch-n")
                             b_seed = gr.Number(2000, precision=0, label="seed", elem_id="batch-seed")
-                            b_kind = gr.Dropdown(list(SCENE_KINDS), value=cfg.kind, label="kind", info=kind_info)
+                            b_kind = gr.Dropdown(list(SCENE_KINDS), value=demo_cfg.kind, label="kind", info=kind_info)
                             b_split = gr.Dropdown(list(POPE_SPLITS), value="adversarial", label="POPE split")
                         with gr.Row():
                             batch_btn = gr.Button("Measure both models", variant="primary", elem_id="batch")
@@ -736,12 +736,12 @@ def launch_app(app: gr.Blocks, # from `build_app`
                port: int = None, # the port; None lets Gradio pick (7860 or the next free one)
                share: bool = False, # ask Gradio for a public share link
                block: bool = True, # wait until interrupted (False: return at once, the server runs in a thread)
-               cfg: DemoConfig = DemoConfig(),
+               demo_cfg: DemoConfig = DemoConfig(),
               ) -> str:
     "Start the app's server; returns its local URL."
     try:
         _, url, _ = app.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                                       max_file_size=cfg.max_file_size, show_error=True, quiet=not block, ssr_mode=False)
+                                       max_file_size=demo_cfg.max_file_size, show_error=True, quiet=not block, ssr_mode=False)
     except OSError as e:
         if port is None: raise
         raise ValueError(f"cannot serve on {host}:{port}, which is in use or not available ({str(e).split('.')[0]}): "

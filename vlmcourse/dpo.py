@@ -163,19 +163,19 @@ class DPOTrainConfig:
         if self.sft_weight < 0: raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if not 0 <= self.warmup < 1: raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
-def trl_dpo_config(cfg: DPOTrainConfig, # the course's config
+def trl_dpo_config(dpo_cfg: DPOTrainConfig, # the course's config
                    output_dir, # where TRL may write (it saves nothing here)
                    **overrides, # any other `DPOConfig` field
                   ):
-    "TRL's `DPOConfig` with `cfg`'s hyper-parameters and `train_loop`'s optimiser settings, for like-for-like comparisons."
+    "TRL's `DPOConfig` with `dpo_cfg`'s hyper-parameters and `train_loop`'s optimiser settings, for like-for-like comparisons."
     from trl import DPOConfig
-    kw = dict(output_dir=str(output_dir), beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
-              learning_rate=cfg.lr, num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size, seed=cfg.seed,
-              lr_scheduler_type="cosine", warmup_steps=cfg.warmup, max_grad_norm=cfg.clip_grad, weight_decay=0.0,
+    kw = dict(output_dir=str(output_dir), beta=dpo_cfg.beta, loss_type=[dpo_cfg.loss_type], label_smoothing=dpo_cfg.label_smoothing,
+              learning_rate=dpo_cfg.lr, num_train_epochs=dpo_cfg.epochs, per_device_train_batch_size=dpo_cfg.batch_size, seed=dpo_cfg.seed,
+              lr_scheduler_type="cosine", warmup_steps=dpo_cfg.warmup, max_grad_norm=dpo_cfg.clip_grad, weight_decay=0.0,
               bf16=False,  # TRL's default is bf16, which on a CPU runs the forward in bfloat16 autocast
               activation_checkpointing=False,  # TRL turns it on (as gradient_checkpointing): recomputing activations costs time, saves nothing here
               logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
-    if cfg.sft_weight: kw.update(loss_type=[cfg.loss_type, "sft"], loss_weights=[1.0, cfg.sft_weight])
+    if dpo_cfg.sft_weight: kw.update(loss_type=[dpo_cfg.loss_type, "sft"], loss_weights=[1.0, dpo_cfg.sft_weight])
     kw.update(overrides)
     return DPOConfig(**kw)
 
@@ -249,14 +249,14 @@ def _shares_prefix(model) -> bool:
 def dpo_train(model, # the policy, trained in place
               processor, # its processor
               pairs, # a `datasets.Dataset` of preference pairs in TRL's vision format (see `preference_dataset`)
-              cfg: DPOTrainConfig = DPOTrainConfig(),
+              dpo_cfg: DPOTrainConfig = DPOTrainConfig(),
               ref_model=None, # the reference; default: the model's initial state
               progress: bool = True,
              ) -> dict:
     "Train `model` with DPO on `pairs`, the reference's log-probabilities computed once per pair; returns the history of every step."
-    if not isinstance(cfg, DPOTrainConfig): raise TypeError(f"cfg must be a DPOTrainConfig, not {type(cfg).__name__}")
+    if not isinstance(dpo_cfg, DPOTrainConfig): raise TypeError(f"dpo_cfg must be a DPOTrainConfig, not {type(dpo_cfg).__name__}")
     images, questions, chosen, rejected = unpack_pairs(pairs)
-    n, bs, t0 = len(questions), cfg.batch_size, time.time()
+    n, bs, t0 = len(questions), dpo_cfg.batch_size, time.time()
     if n == 0: raise ValueError("no pairs to train on")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout): m.p = 0.0  # as TRL: deterministic log-probabilities
@@ -280,7 +280,7 @@ def dpo_train(model, # the policy, trained in place
             ref_logps[idx] = torch.stack(logps(ref, _to(take(idx), rparam.device, rparam.dtype)), 1).cpu()
     ref_seconds = time.time() - t0
     # Training: shuffled batches of pairs, the same order for the same seed
-    steps, batch_index = epoch_batches(n, bs, cfg.epochs, cfg.seed)
+    steps, batch_index = epoch_batches(n, bs, dpo_cfg.epochs, dpo_cfg.seed)
     hist = {k: [] for k in ("dpo_loss", "sft_loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")}
     def make_batch(step):
         idx = batch_index(step)
@@ -288,13 +288,13 @@ def dpo_train(model, # the policy, trained in place
     def loss_fn(model, batch):
         pc, pr = logps(model, batch["inputs"])  # [B] each
         (rc, rr), (lc, lr) = batch["ref"].unbind(1), batch["lengths"].unbind(1)
-        losses, cr, rjr = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, lc, lr)
+        losses, cr, rjr = dpo_loss(pc, pr, rc, rr, dpo_cfg.beta, dpo_cfg.loss_type, dpo_cfg.label_smoothing, lc, lr)
         sft = -pc.sum() / lc.sum()  # mean per-token NLL of the chosen answers
-        loss = losses.mean() + cfg.sft_weight * sft if cfg.sft_weight else losses.mean()
+        loss = losses.mean() + dpo_cfg.sft_weight * sft if dpo_cfg.sft_weight else losses.mean()
         for k, v in (("dpo_loss", losses.mean()), ("sft_loss", sft), ("reward_accuracy", (cr > rjr).float().mean()), ("margin", (cr - rjr).mean()),
                      ("chosen_reward", cr.mean()), ("rejected_reward", rjr.mean())): hist[k].append(v.item())
         return loss
-    torch.manual_seed(cfg.seed)
-    hist["loss"] = train_loop(model, make_batch, steps, cfg.lr, cfg.warmup, cfg.clip_grad, desc="DPO", loss_fn=loss_fn, progress=progress)
+    torch.manual_seed(dpo_cfg.seed)
+    hist["loss"] = train_loop(model, make_batch, steps, dpo_cfg.lr, dpo_cfg.warmup, dpo_cfg.clip_grad, desc="DPO", loss_fn=loss_fn, progress=progress)
     hist.update(ref_seconds=ref_seconds, seconds=time.time() - t0, pairs=n, steps=steps)
     return hist

@@ -95,10 +95,10 @@ def build_instructblip(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base rec
     "(model, processor): an InstructBLIP whose ViT carries 01_clip's weights and whose LLM is 02_llava's text-stage Llama; Q-Former fresh."
     llava, _ = text_stage_vlm(tcfg, progress=progress)
     proc = build_instructblip_processor(tcfg.world, mcfg)
-    cfg = instructblip_config(proc, llava.config.text_config, mcfg)
+    config = instructblip_config(proc, llava.config.text_config, mcfg)
     torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(cfg)
-    with torch.no_grad(): model.query_tokens.normal_(0.0, cfg.qformer_config.initializer_range)  # LAVIS's init; transformers zeros them, which makes every query the same forever
+    model = InstructBlipForConditionalGeneration(config)
+    with torch.no_grad(): model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)  # LAVIS's init; transformers zeros them, which makes every query the same forever
     vis, _ = clip_to_blip_vision(clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, vision=mcfg.vision)))
     missing = model.vision_model.load_state_dict(vis, strict=True)
     model.language_model.model.load_state_dict(llava.model.language_model.state_dict(), strict=True)
@@ -256,63 +256,63 @@ class InstructTuneConfig:
     def __post_init__(self):
         if self.held_out not in TASK_FAMILIES + ("",): raise ValueError(f"held_out must be one of {TASK_FAMILIES} or '' (none), not {self.held_out!r}")
 
-def instruct_tune(cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
+def instruct_tune(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
     "Build the InstructBLIP, freeze it but for the Q-Former, and instruction-tune it on the held-in families; (model, processor, history)."
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model, proc = build_instructblip(cfg.base, cfg.model, seed=cfg.seed, progress=progress)
-        model.config.instruction_aware = cfg.instruction_aware  # saved with the checkpoint: the answerer feeds the Q-Former as it was trained
+        model, proc = build_instructblip(tune_cfg.base, tune_cfg.model, seed=tune_cfg.seed, progress=progress)
+        model.config.instruction_aware = tune_cfg.instruction_aware  # saved with the checkpoint: the answerer feeds the Q-Former as it was trained
         n_train = freeze_for_instruction_tuning(model)
         frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
-        ex = task_examples(cfg.base.world, cfg.steps * cfg.batch_size, cfg.held_in, seed=cfg.seed + 7)
-        B, w = cfg.batch_size, cfg.base.world
+        ex = task_examples(tune_cfg.base.world, tune_cfg.steps * tune_cfg.batch_size, tune_cfg.held_in, seed=tune_cfg.seed + 7)
+        B, w = tune_cfg.batch_size, tune_cfg.base.world
         def make_batch(k):
             e = ex[k * B:(k + 1) * B]
             return instructblip_batch(proc, [render(x["scene"], w) for x in e], [x["instruction"] for x in e], [x["answer"] for x in e],
-                                      instruction_aware=cfg.instruction_aware)
+                                      instruction_aware=tune_cfg.instruction_aware)
         t0 = time.time()
-        losses = train_loop(model, make_batch, cfg.steps, cfg.lr, cfg.warmup, cfg.clip_grad,
-                            desc="InstructBLIP" if cfg.instruction_aware else "BLIP-2 style", progress=progress)
+        losses = train_loop(model, make_batch, tune_cfg.steps, tune_cfg.lr, tune_cfg.warmup, tune_cfg.clip_grad,
+                            desc="InstructBLIP" if tune_cfg.instruction_aware else "BLIP-2 style", progress=progress)
         unchanged = all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in frozen.items())
         return model, proc, dict(loss=losses, seconds=time.time() - t0, trainable=n_train,
                                  total=sum(p.numel() for p in model.parameters()), frozen_unchanged=unchanged)
     finally: torch.set_num_threads(old)
 
 # %% ../nbs/04_instructblip.ipynb 45
-def llava_same_budget(cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
+def llava_same_budget(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
     """The LLaVA comparison at the same budget: 02_llava's text-stage model aligned LLaVA's way (vision tower and projector at
     the base recipe's rate, the LLM at its reduced rate) on the same held-in instructions, steps and batch size; (model, processor, losses)."""
     from vlmcourse.llava import sft_batch
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model, proc = text_stage_vlm(cfg.base, progress=progress)
-        t = cfg.base
-        ex = task_examples(t.world, cfg.steps * cfg.batch_size, cfg.held_in, seed=cfg.seed + 7)
-        B = cfg.batch_size
+        model, proc = text_stage_vlm(tune_cfg.base, progress=progress)
+        t = tune_cfg.base
+        ex = task_examples(t.world, tune_cfg.steps * tune_cfg.batch_size, tune_cfg.held_in, seed=tune_cfg.seed + 7)
+        B = tune_cfg.batch_size
         def make_batch(k):
             e = ex[k * B:(k + 1) * B]
             return sft_batch(proc, [render(x["scene"], t.world) for x in e], [x["instruction"] for x in e], [x["answer"] for x in e])
         lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
         groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": t.stage2_lr * t.stage2_lm_lr_scale},
                   {"params": [p for p in model.parameters() if id(p) not in lm]}]
-        torch.manual_seed(cfg.seed)
-        losses = train_loop(model, make_batch, cfg.steps, t.stage2_lr, t.warmup, t.clip_grad, params=groups, desc="LLaVA, same budget", progress=progress)
+        torch.manual_seed(tune_cfg.seed)
+        losses = train_loop(model, make_batch, tune_cfg.steps, t.stage2_lr, t.warmup, t.clip_grad, params=groups, desc="LLaVA, same budget", progress=progress)
         return model, proc, losses
     finally: torch.set_num_threads(old)
 
 # %% ../nbs/04_instructblip.ipynb 46
-def instructblip_vlm_path(progress: bool = True, cfg: InstructTuneConfig = InstructTuneConfig()) -> Path:
+def instructblip_vlm_path(progress: bool = True, tune_cfg: InstructTuneConfig = InstructTuneConfig()) -> Path:
     "The cached checkpoint folder of the course's InstructBLIP (trained on first use, about a minute on one CPU thread)."
     def build(folder):
-        model, proc, hist = instruct_tune(cfg, progress=progress)
+        model, proc, hist = instruct_tune(tune_cfg, progress=progress)
         save_vlm(model, proc, folder, history={k: v for k, v in hist.items() if k != "loss"} | {"loss": hist["loss"][::10]})
-    return cached_artifact("instructblip", {"tune": cfg, "base": training_key(cfg.base)}, build)
+    return cached_artifact("instructblip", {"tune": tune_cfg, "base": training_key(tune_cfg.base)}, build)
 
-def instructblip_vlm(cfg: InstructTuneConfig = InstructTuneConfig(), device: str = None, progress: bool = True):
+def instructblip_vlm(tune_cfg: InstructTuneConfig = InstructTuneConfig(), device: str = None, progress: bool = True):
     "(model, processor) of the course's InstructBLIP, loaded with the Auto classes from the cache."
-    return load_vlm(instructblip_vlm_path(progress, cfg), device=device or "cpu")
+    return load_vlm(instructblip_vlm_path(progress, tune_cfg), device=device or "cpu")
 
 register(ModelEntry("instructblip", "InstructBLIP: a Q-Former instruction-tuned between 01_clip's frozen ViT and the frozen biased LLM (barely reads images here)",
                     "04_instructblip", "vlmcourse.instructblip:instructblip_vlm_path", answerer="vlmcourse.instructblip:instructblip_answerer"))

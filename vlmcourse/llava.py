@@ -83,11 +83,11 @@ def build_vlm(processor, # from `build_processor`: gives the vocabulary and the 
                       num_hidden_layers=mcfg.text_layers, num_attention_heads=mcfg.text_heads, num_key_value_heads=mcfg.text_heads,
                       max_position_embeddings=mcfg.max_positions, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=None, tie_word_embeddings=mcfg.tie_embeddings)
-    cfg = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
                       image_seq_length=mcfg.num_image_tokens, vision_feature_layer=-1, vision_feature_select_strategy=mcfg.vision_feature_select,
                       tie_word_embeddings=mcfg.tie_embeddings)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg)
+    model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model
 

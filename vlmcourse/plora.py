@@ -118,23 +118,23 @@ def _language_model(model):
     return getattr(inner, "language_model", None) or model  # a LLaVA's decoder, or a plain language model
 
 def add_plora(model, # a LLaVA (or a causal language model with `image_token_id` given), changed in place
-              cfg: PLoRAConfig = PLoRAConfig(),
+              plora_cfg: PLoRAConfig = PLoRAConfig(),
               image_token_id: int = None, # default: the model config's `image_token_id`
              ):
     "Wrap the language model's target linear layers in `PLoRALinear` and feed them the image mask at every forward pass; returns the model."
-    if not isinstance(cfg, PLoRAConfig): raise TypeError(f"cfg must be a PLoRAConfig, not {type(cfg).__name__}")
+    if not isinstance(plora_cfg, PLoRAConfig): raise TypeError(f"plora_cfg must be a PLoRAConfig, not {type(plora_cfg).__name__}")
     if plora_layers(model): raise ValueError("the model already has PLoRA layers")
     tid = image_token_id if image_token_id is not None else getattr(model.config, "image_token_id", None)
     if tid is None: raise ValueError("no image token id: pass image_token_id (the model's config has none)")
     wrapped = 0
     for mod in list(_language_model(model).modules()):
-        for t in cfg.targets:
+        for t in plora_cfg.targets:
             child = getattr(mod, t, None)
             if isinstance(child, nn.Linear):
-                setattr(mod, t, PLoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
+                setattr(mod, t, PLoRALinear(child, plora_cfg.r, plora_cfg.alpha, plora_cfg.dropout))
                 wrapped += 1
-    if not wrapped: raise ValueError(f"the language model has no nn.Linear named any of {cfg.targets}")
-    model.plora_config = dict(asdict(cfg), targets=list(cfg.targets), image_token_id=int(tid))
+    if not wrapped: raise ValueError(f"the language model has no nn.Linear named any of {plora_cfg.targets}")
+    model.plora_config = dict(asdict(plora_cfg), targets=list(plora_cfg.targets), image_token_id=int(tid))
     model.register_forward_pre_hook(_set_image_mask, with_kwargs=True)
     model.register_forward_hook(_clear_image_mask, with_kwargs=True)
     return model
@@ -144,11 +144,11 @@ def plora_state_dict(model) -> dict:
     "The adapter weights alone: `{layer}.lora_A.weight` and `{layer}.lora_B.weight` for every PLoRA layer."
     return {f"{n}.{k}.weight": getattr(m, k).weight.detach().clone() for n, m in plora_layers(model).items() for k in ("lora_A", "lora_B")}
 
-def peft_lora_config(cfg: PLoRAConfig = PLoRAConfig(), **kw):
+def peft_lora_config(plora_cfg: PLoRAConfig = PLoRAConfig(), **kw):
     "PEFT's `LoraConfig` for the same layers as `add_plora`: the language model's target projections only (not the vision tower's)."
     from peft import LoraConfig
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=rf".*language_model.*\.({'|'.join(cfg.targets)})", **kw)
+    return LoraConfig(r=plora_cfg.r, lora_alpha=plora_cfg.alpha, lora_dropout=plora_cfg.dropout, bias="none",
+                      target_modules=rf".*language_model.*\.({'|'.join(plora_cfg.targets)})", **kw)
 
 def copy_to_peft(model, peft_model, adapter: str = "default"):
     "Copy `model`'s PLoRA A and B into the LoRA layers of the same names in a PEFT model; returns the number of layers copied."

@@ -48,21 +48,21 @@ class AlignConfig:
 def sft_train(model, # trained in place
               processor, # its processor
               pairs, # preference pairs (`build_pairs`); only the images, prompts and chosen answers are read
-              cfg: DPOTrainConfig = DPOTrainConfig(), # the budget: epochs, batch_size, lr, warmup, clip_grad, seed
+              dpo_cfg: DPOTrainConfig = DPOTrainConfig(), # the budget: epochs, batch_size, lr, warmup, clip_grad, seed
               progress: bool = True,
              ) -> dict:
     "Supervised fine-tuning on the chosen answers alone, on DPO's budget; returns the loss of every step."
     images, questions, chosen, _ = unpack_pairs(pairs)
-    n, bs, t0 = len(questions), cfg.batch_size, time.time()
+    n, bs, t0 = len(questions), dpo_cfg.batch_size, time.time()
     if n == 0: raise ValueError("no pairs to train on")
     dev = next(model.parameters()).device
-    steps, batch_index = epoch_batches(n, bs, cfg.epochs, cfg.seed)  # the same batches as dpo_train's
+    steps, batch_index = epoch_batches(n, bs, dpo_cfg.epochs, dpo_cfg.seed)  # the same batches as dpo_train's
     def make_batch(step):
         idx = batch_index(step).tolist()
         b = sft_batch(processor, [images[i] for i in idx], [questions[i] for i in idx], [chosen[i] for i in idx])
         return {k: v.to(dev) for k, v in b.items()}
-    torch.manual_seed(cfg.seed)
-    losses = train_loop(model, make_batch, steps, cfg.lr, cfg.warmup, cfg.clip_grad, desc="SFT", progress=progress)
+    torch.manual_seed(dpo_cfg.seed)
+    losses = train_loop(model, make_batch, steps, dpo_cfg.lr, dpo_cfg.warmup, dpo_cfg.clip_grad, desc="SFT", progress=progress)
     return dict(loss=losses, seconds=time.time() - t0, pairs=n, steps=steps)
 
 def align(acfg: AlignConfig = AlignConfig(), # the run

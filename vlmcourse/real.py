@@ -187,9 +187,9 @@ def build_tiny_vlm(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMCo
     from transformers import AutoModelForImageTextToText
     _check_arch(arch)
     processor = tiny_processor(arch, wcfg, tcfg)
-    cfg = tiny_model_config(arch, processor, tcfg)
+    config = tiny_model_config(arch, processor, tcfg)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(cfg).eval()
+    model = AutoModelForImageTextToText.from_config(config).eval()
     tok = processor.tokenizer
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model, processor
@@ -400,7 +400,7 @@ def load_pairs(source, # a folder from Dataset.save_to_disk, a .json/.jsonl/.par
 def align(model_id, # a checkpoint folder or Hub id, e.g. 'llava-hf/llava-1.5-7b-hf'
           pairs, # a Dataset in TRL's vision format (see `load_pairs`)
           output_dir, # where the adapter (and with `merge`, the merged model) is written
-          cfg: AlignConfig = AlignConfig(),
+          align_cfg: AlignConfig = AlignConfig(),
           merge: bool = False, # also write the merged model to output_dir/merged, a checkpoint `load_vlm` and the demo read
           arch: str = None, # the family, for a chat template when the checkpoint has none (InstructBLIP)
          ) -> dict:
@@ -412,13 +412,13 @@ def align(model_id, # a checkpoint folder or Hub id, e.g. 'llava-hf/llava-1.5-7b
     model, processor = load_vlm(model_id, device="cpu", dtype=torch.bfloat16 if cuda else torch.float32)  # the Trainer places it on each process's GPU
     if arch: with_chat_template(processor, arch)
     out = Path(output_dir)
-    args = DPOConfig(output_dir=str(out), beta=cfg.beta, learning_rate=cfg.lr, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-                     per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, seed=cfg.seed,
-                     bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda and cfg.gradient_checkpointing,
+    args = DPOConfig(output_dir=str(out), beta=align_cfg.beta, learning_rate=align_cfg.lr, num_train_epochs=align_cfg.epochs, max_steps=align_cfg.max_steps,
+                     per_device_train_batch_size=align_cfg.batch_size, gradient_accumulation_steps=align_cfg.grad_accum, seed=align_cfg.seed,
+                     bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda and align_cfg.gradient_checkpointing,
                      max_length=None,  # never cut a sequence: truncation would cut image tokens
                      logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=None, use_cpu=not cuda,
                      ddp_find_unused_parameters=False)
-    peft = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+    peft = LoraConfig(r=align_cfg.lora_r, lora_alpha=align_cfg.lora_alpha, lora_dropout=align_cfg.lora_dropout, target_modules=align_cfg.lora_targets, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=for_trl(pairs, processor), processing_class=processor, peft_config=peft)
     trainer.train()  # the reference is the model with its adapter switched off
     trainer.save_model(str(out))

@@ -82,73 +82,73 @@ class Scene:
     def from_dict(cls, d): return cls(tuple(ShapeObject(**o) for o in d["objects"]), d.get("kind", "prior"))
 
 # %% ../nbs/00_world.ipynb 10
-def _place(shapes, cfg, rng):
+def _place(shapes, wcfg, rng):
     "Give each shape a colour, a free cell and a size."
-    cells = rng.sample(range(cfg.grid ** 2), len(shapes))
-    objs = [ShapeObject(s, rng.choice(cfg.colours), c, round(rng.uniform(*cfg.size_range), 3)) for s, c in zip(shapes, cells)]
+    cells = rng.sample(range(wcfg.grid ** 2), len(shapes))
+    objs = [ShapeObject(s, rng.choice(wcfg.colours), c, round(rng.uniform(*wcfg.size_range), 3)) for s, c in zip(shapes, cells)]
     return tuple(sorted(objs, key=lambda o: o.cell))
 
 MAX_DRAWS = 10_000  # bound on every rejection loop: a world whose prior cannot be met fails with a message, not a hang
 
-def _draw_shapes(cfg, rng, n, exclude=()):
+def _draw_shapes(wcfg, rng, n, exclude=()):
     "Sample `n`-ish distinct shapes under the prior: a shape with a partner brings it with probability `prior_strength`."
-    freq, partner = cfg.shape_freq, cfg.partner_of
+    freq, partner = wcfg.shape_freq, wcfg.partner_of
     chosen = []
     for _ in range(MAX_DRAWS):
         if len(chosen) >= n: break
-        pool = [s for s in cfg.shapes if s not in chosen and s not in exclude]
+        pool = [s for s in wcfg.shapes if s not in chosen and s not in exclude]
         if not pool: break
         s = rng.choices(pool, weights=[freq[p] for p in pool])[0]
         p = partner.get(s)
-        if p is not None and p not in chosen and p not in exclude and rng.random() < cfg.prior_strength:
-            if len(chosen) + 2 > cfg.max_objects: continue  # no room for the pair: draw again rather than break the prior
+        if p is not None and p not in chosen and p not in exclude and rng.random() < wcfg.prior_strength:
+            if len(chosen) + 2 > wcfg.max_objects: continue  # no room for the pair: draw again rather than break the prior
             chosen += [s, p]
         else: chosen.append(s)
     else:
-        if len(chosen) < n: raise ValueError(f"could not draw {n} shapes in {MAX_DRAWS} tries under this prior (partners={cfg.partners}, "
-                                             f"prior_strength={cfg.prior_strength}, max_objects={cfg.max_objects}): allow more objects or weaken the prior")
+        if len(chosen) < n: raise ValueError(f"could not draw {n} shapes in {MAX_DRAWS} tries under this prior (partners={wcfg.partners}, "
+                                             f"prior_strength={wcfg.prior_strength}, max_objects={wcfg.max_objects}): allow more objects or weaken the prior")
     return chosen
 
-def is_typical(scene, cfg):
+def is_typical(scene, wcfg):
     "True when every shape that has a partner appears with it."
-    return all(cfg.partner_of[s] in scene.shapes for s in scene.shapes if s in cfg.partner_of)
+    return all(wcfg.partner_of[s] in scene.shapes for s in scene.shapes if s in wcfg.partner_of)
 
-def sample_scene(cfg: WorldConfig, # the world
+def sample_scene(wcfg: WorldConfig, # the world
                  rng: random.Random, # the source of randomness, so that scenes are reproducible
                  kind: str = "prior", # 'prior', 'typical' or 'counter'
                 ) -> Scene:
     "Sample one scene: from the prior, conforming to it ('typical'), or breaking it ('counter')."
     if kind not in ("prior", "typical", "counter"): raise ValueError(f"kind must be 'prior', 'typical' or 'counter', not {kind!r}")
     if kind == "counter":
-        if not cfg.partners: raise ValueError("a counter-prior scene needs at least one partner pair in WorldConfig.partners")
-        a, b = rng.choice(cfg.partners)  # `a` appears without its partner `b`
-        n = rng.randint(cfg.min_objects, cfg.max_objects)
-        rest = _draw_shapes(cfg, rng, n - 1, exclude=(a, b))[: n - 1] if n > 1 else []
-        return Scene(_place([a] + rest, cfg, rng), "counter")
+        if not wcfg.partners: raise ValueError("a counter-prior scene needs at least one partner pair in WorldConfig.partners")
+        a, b = rng.choice(wcfg.partners)  # `a` appears without its partner `b`
+        n = rng.randint(wcfg.min_objects, wcfg.max_objects)
+        rest = _draw_shapes(wcfg, rng, n - 1, exclude=(a, b))[: n - 1] if n > 1 else []
+        return Scene(_place([a] + rest, wcfg, rng), "counter")
     for _ in range(MAX_DRAWS):
-        n = rng.randint(cfg.min_objects, cfg.max_objects)
-        scene = Scene(_place(_draw_shapes(cfg, rng, n), cfg, rng), kind)
-        if kind == "prior" or is_typical(scene, cfg): return scene
-    raise ValueError(f"no {kind} scene in {MAX_DRAWS} tries: this world's prior (partners={cfg.partners}, prior_strength={cfg.prior_strength}) "
-                     f"with max_objects={cfg.max_objects} almost never makes one; allow more objects or change the partners")
+        n = rng.randint(wcfg.min_objects, wcfg.max_objects)
+        scene = Scene(_place(_draw_shapes(wcfg, rng, n), wcfg, rng), kind)
+        if kind == "prior" or is_typical(scene, wcfg): return scene
+    raise ValueError(f"no {kind} scene in {MAX_DRAWS} tries: this world's prior (partners={wcfg.partners}, prior_strength={wcfg.prior_strength}) "
+                     f"with max_objects={wcfg.max_objects} almost never makes one; allow more objects or change the partners")
 
-def sample_scenes(cfg: WorldConfig, n: int, seed: int = 0, kind: str = "prior") -> list:
+def sample_scenes(wcfg: WorldConfig, n: int, seed: int = 0, kind: str = "prior") -> list:
     "`n` scenes of one kind, deterministic given `seed`."
     rng = random.Random(f"{seed}-{kind}")
-    return [sample_scene(cfg, rng, kind) for _ in range(n)]
+    return [sample_scene(wcfg, rng, kind) for _ in range(n)]
 
 # %% ../nbs/00_world.ipynb 15
 COLOUR_RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
               "purple": (160, 60, 200), "orange": (250, 140, 20), "white": (240, 240, 240), "cyan": (40, 220, 220)}
 
-def cell_box(cell, cfg):
+def cell_box(cell, wcfg):
     "Pixel box (x0, y0, x1, y1) of a grid cell."
-    step = cfg.image_size / cfg.grid
-    r, c = divmod(cell, cfg.grid)
+    step = wcfg.image_size / wcfg.grid
+    r, c = divmod(cell, wcfg.grid)
     return (c * step, r * step, (c + 1) * step, (r + 1) * step)
 
-def _draw_one(d, o, cfg):
-    x0, y0, x1, y1 = cell_box(o.cell, cfg)
+def _draw_one(d, o, wcfg):
+    x0, y0, x1, y1 = cell_box(o.cell, wcfg)
     cx, cy, h = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * o.size / 2  # centre and half-size
     col = COLOUR_RGB[o.colour]
     box = [cx - h, cy - h, cx + h - 1, cy + h - 1]
@@ -163,11 +163,11 @@ def _draw_one(d, o, cfg):
     elif o.shape == "ring": d.ellipse(box, outline=col, width=max(2, round(h / 3)))
     else: raise ValueError(f"no renderer for shape {o.shape!r}: add it to _draw_one")
 
-def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
-    "Draw a scene as an RGB PIL image of `cfg.image_size` pixels."
-    img = Image.new("RGB", (cfg.image_size, cfg.image_size), cfg.background)
+def render(scene: Scene, wcfg: WorldConfig) -> Image.Image:
+    "Draw a scene as an RGB PIL image of `wcfg.image_size` pixels."
+    img = Image.new("RGB", (wcfg.image_size, wcfg.image_size), wcfg.background)
     d = ImageDraw.Draw(img)
-    for o in scene.objects: _draw_one(d, o, cfg)
+    for o in scene.objects: _draw_one(d, o, wcfg)
     return img
 
 # %% ../nbs/00_world.ipynb 18
@@ -178,35 +178,35 @@ def object_mask(img: Image.Image, obj: ShapeObject) -> np.ndarray:
 # %% ../nbs/00_world.ipynb 21
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-def caption(scene: Scene, cfg: WorldConfig) -> str:
+def caption(scene: Scene, wcfg: WorldConfig) -> str:
     "The one true caption of a scene: 'a red circle at top left and a blue square at bottom right .'"
-    return " and ".join(f"a {o.colour} {o.shape} at {cfg.positions[o.cell]}" for o in scene.objects) + " ."
+    return " and ".join(f"a {o.colour} {o.shape} at {wcfg.positions[o.cell]}" for o in scene.objects) + " ."
 
 CAPTION_PROMPT = "describe the image ."
 
 def presence_question(shape): return f"is there a {shape} in the image ?"
 
-def questions(scene: Scene, cfg: WorldConfig, rng: random.Random = None) -> list:
+def questions(scene: Scene, wcfg: WorldConfig, rng: random.Random = None) -> list:
     "Question-answer pairs with exact answers: presence (yes and no), colour, count, position."
     rng = rng or random.Random(0)
-    qa = [(CAPTION_PROMPT, caption(scene, cfg))]
+    qa = [(CAPTION_PROMPT, caption(scene, wcfg))]
     present = sorted(scene.shapes)
-    absent = [s for s in cfg.shapes if s not in scene.shapes]
+    absent = [s for s in wcfg.shapes if s not in scene.shapes]
     qa.append((presence_question(rng.choice(present)), "yes ."))
     if absent: qa.append((presence_question(rng.choice(absent)), "no ."))
     o = rng.choice(scene.objects)
     qa.append((f"what colour is the {o.shape} ?", f"{o.colour} ."))
-    qa.append((f"where is the {o.shape} ?", f"{cfg.positions[o.cell]} ."))
+    qa.append((f"where is the {o.shape} ?", f"{wcfg.positions[o.cell]} ."))
     qa.append(("how many objects are there ?", f"{NUMBER_WORDS[len(scene.objects)]} ."))
     return qa
 
 # %% ../nbs/00_world.ipynb 24
-def world_words(cfg: WorldConfig) -> list:
+def world_words(wcfg: WorldConfig) -> list:
     "Every word a caption, question or answer of this world can contain, sorted."
     words = {"a", "and", "at", ".", "?", "yes", "no", "is", "there", "in", "the", "image", "what", "colour", "where",
              "how", "many", "objects", "are", "describe"}
-    words |= set(cfg.shapes) | set(cfg.colours) | set(NUMBER_WORDS[: cfg.max_objects + 1])
-    for p in cfg.positions: words |= set(p.split())
+    words |= set(wcfg.shapes) | set(wcfg.colours) | set(NUMBER_WORDS[: wcfg.max_objects + 1])
+    for p in wcfg.positions: words |= set(p.split())
     return sorted(words)
 
 # %% ../nbs/00_world.ipynb 27
@@ -249,16 +249,16 @@ def find_objects(text: str, # any text: a caption, an answer
 
 def absent_mentions(text: str, # a caption or answer about `scene`
                     scene: Scene, # the scene the text describes
-                    cfg: WorldConfig, # its world
+                    wcfg: WorldConfig, # its world
                    ) -> list:
     "The distinct objects `text` names that `scene` does not contain, in order of first mention: the per-caption test of CHAIR."
-    return list(dict.fromkeys(m.object for m in find_objects(text, cfg.shapes) if m.object not in scene.shapes))
+    return list(dict.fromkeys(m.object for m in find_objects(text, wcfg.shapes) if m.object not in scene.shapes))
 
 # %% ../nbs/00_world.ipynb 30
-def cooccurrence(scenes: list, cfg: WorldConfig) -> np.ndarray:
+def cooccurrence(scenes: list, wcfg: WorldConfig) -> np.ndarray:
     "M[i, j] = P(shape j in scene | shape i in scene), estimated from `scenes`; the diagonal is P(shape i)."
-    idx = {s: i for i, s in enumerate(cfg.shapes)}
-    counts, occ = np.zeros((len(cfg.shapes),) * 2), np.zeros(len(cfg.shapes))
+    idx = {s: i for i, s in enumerate(wcfg.shapes)}
+    counts, occ = np.zeros((len(wcfg.shapes),) * 2), np.zeros(len(wcfg.shapes))
     for sc in scenes:
         ids = [idx[s] for s in sc.shapes]
         for i in ids:
@@ -269,16 +269,16 @@ def cooccurrence(scenes: list, cfg: WorldConfig) -> np.ndarray:
     M[np.diag_indices_from(M)] = occ / max(len(scenes), 1)
     return M
 
-def shape_frequency(scenes: list, cfg: WorldConfig) -> dict:
+def shape_frequency(scenes: list, wcfg: WorldConfig) -> dict:
     "How often each shape appears, as a fraction of scenes."
     c = Counter(s for sc in scenes for s in sc.shapes)
-    return {s: c[s] / max(len(scenes), 1) for s in cfg.shapes}
+    return {s: c[s] / max(len(scenes), 1) for s in wcfg.shapes}
 
 # %% ../nbs/00_world.ipynb 35
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 def pope_probes(scenes: list, # the scenes to ask about
-                cfg: WorldConfig, # their world
+                wcfg: WorldConfig, # their world
                 split: str = "random", # 'random', 'popular' or 'adversarial'
                 n_per_image: int = 3, # POPE asks about up to 3 present and as many absent objects
                 seed: int = 0, # the random choices, reproducible
@@ -287,30 +287,30 @@ def pope_probes(scenes: list, # the scenes to ask about
     "POPE probes: dicts with `scene_idx`, `shape`, `question` and `label` ('yes' or 'no')."
     if split not in POPE_SPLITS: raise ValueError(f"split must be one of {POPE_SPLITS}, not {split!r}")
     rng = random.Random(f"{seed}-{split}")
-    stats_scenes = stats_scenes if stats_scenes is not None else sample_scenes(cfg, 2000, seed=12345)
-    freq, M = shape_frequency(stats_scenes, cfg), cooccurrence(stats_scenes, cfg)
-    idx = {s: i for i, s in enumerate(cfg.shapes)}
+    stats_scenes = stats_scenes if stats_scenes is not None else sample_scenes(wcfg, 2000, seed=12345)
+    freq, M = shape_frequency(stats_scenes, wcfg), cooccurrence(stats_scenes, wcfg)
+    idx = {s: i for i, s in enumerate(wcfg.shapes)}
     probes = []
     for k, sc in enumerate(scenes):
         present = sorted(sc.shapes)
         yes = rng.sample(present, min(n_per_image, len(present)))
-        absent = [s for s in cfg.shapes if s not in sc.shapes]
+        absent = [s for s in wcfg.shapes if s not in sc.shapes]
         if split == "random": no = rng.sample(absent, min(len(yes), len(absent)))
         else:
             if split == "popular": score = {s: freq[s] for s in absent}
             else: score = {s: max(M[idx[p], idx[s]] for p in present) for s in absent}
-            no = sorted(absent, key=lambda s: (-score[s], cfg.shapes.index(s)))[: len(yes)]
+            no = sorted(absent, key=lambda s: (-score[s], wcfg.shapes.index(s)))[: len(yes)]
         probes += [dict(scene_idx=k, shape=s, question=presence_question(s), label="yes") for s in yes]
         probes += [dict(scene_idx=k, shape=s, question=presence_question(s), label="no") for s in no]
     return probes
 
 # %% ../nbs/00_world.ipynb 40
-def to_dataset(scenes: list, cfg: WorldConfig):
+def to_dataset(scenes: list, wcfg: WorldConfig):
     "A `datasets.Dataset` with the rendered `image`, its `caption`, `shapes`, `kind` and the scene as JSON."
     from datasets import Dataset, Features, Image as HFImage, Value, Sequence
     feats = Features({"image": HFImage(), "caption": Value("string"), "shapes": Sequence(Value("string")),
                       "kind": Value("string"), "scene": Value("string")})
-    return Dataset.from_dict({"image": [render(s, cfg) for s in scenes], "caption": [caption(s, cfg) for s in scenes],
+    return Dataset.from_dict({"image": [render(s, wcfg) for s in scenes], "caption": [caption(s, wcfg) for s in scenes],
                               "shapes": [sorted(s.shapes) for s in scenes], "kind": [s.kind for s in scenes],
                               "scene": [json.dumps(s.to_dict()) for s in scenes]}, features=feats)
 
@@ -325,11 +325,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% if m['content'] is
                  "{% endif %}{% endfor %}{% endif %}{% if m['role'] == 'assistant' %} </s>{% endif %} {% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")
 
-def build_tokenizer(cfg: WorldConfig):
+def build_tokenizer(wcfg: WorldConfig):
     "A word-level `PreTrainedTokenizerFast` over the world's words, with `<image>` and a chat template."
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + [w for w in world_words(cfg) + list(CHAT_WORDS)])}
+    vocab = {w: i for i, w in enumerate(list(SPECIAL_TOKENS) + [w for w in world_words(wcfg) + list(CHAT_WORDS)])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # words and punctuation are already space-separated
@@ -339,14 +339,14 @@ def build_tokenizer(cfg: WorldConfig):
     return tok
 
 # %% ../nbs/00_world.ipynb 47
-def show_scenes(scenes, cfg, ncols=4, captions=None, scale=3):
+def show_scenes(scenes, wcfg, ncols=4, captions=None, scale=3):
     "A grid of scenes with their captions (or the given ones)."
     import matplotlib.pyplot as plt, textwrap
     nrows = (len(scenes) + ncols - 1) // ncols
     fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * (scale + 0.6)), squeeze=False)
     for ax in axs.flat: ax.axis("off")
     for k, (ax, s) in enumerate(zip(axs.flat, scenes)):
-        ax.imshow(render(s, cfg))
-        ax.set_title("\n".join(textwrap.wrap(captions[k] if captions else caption(s, cfg), 28)), fontsize=8)
+        ax.imshow(render(s, wcfg))
+        ax.set_title("\n".join(textwrap.wrap(captions[k] if captions else caption(s, wcfg), 28)), fontsize=8)
     fig.tight_layout()
     return fig
