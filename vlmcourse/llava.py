@@ -91,7 +91,7 @@ def build_vlm(processor, # from `build_processor`: gives the vocabulary and the 
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model
 
-# %% ../nbs/02_llava.ipynb 14
+# %% ../nbs/02_llava.ipynb 18
 def check_texts(texts, what: str):
     "A clear error unless `texts` is a list of non-empty strings (`what` names it in the message)."
     if isinstance(texts, str): raise TypeError(f"{what} must be a list of strings, not one string")
@@ -159,7 +159,7 @@ def sft_batch(processor, # a VLM's processor (LLaVA, Qwen2-VL, Idefics3, Instruc
     batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")})  # pixel_values
     return batch
 
-# %% ../nbs/02_llava.ipynb 17
+# %% ../nbs/02_llava.ipynb 21
 def epoch_batches(n: int, # examples
                   batch_size: int,
                   epochs: int, # passes over the examples, each in a new order
@@ -208,7 +208,7 @@ def train_loop(model, # the model to train in place
     model.eval()
     return losses
 
-# %% ../nbs/02_llava.ipynb 19
+# %% ../nbs/02_llava.ipynb 23
 @dataclass(frozen=True)
 class BaseTrainConfig:
     "How the base model is trained; the cache key of the base model."
@@ -241,7 +241,7 @@ def oracle_config(tcfg: BaseTrainConfig = BaseTrainConfig()) -> BaseTrainConfig:
     "The same recipe on a world without the prior (its partners independent): the floor every alignment is measured against."
     return replace(tcfg, world=replace(tcfg.world, partners=()))
 
-# %% ../nbs/02_llava.ipynb 20
+# %% ../nbs/02_llava.ipynb 24
 def stage2_examples(tcfg: BaseTrainConfig, n: int, seed: int) -> list:
     "`n` (scene, question, answer) examples, a fresh scene each: a caption, a presence question or a colour, position or count question."
     rng = random.Random(f"stage2-{seed}")
@@ -333,7 +333,7 @@ def train_base(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe
     finally: torch.set_num_threads(old)
 
 
-# %% ../nbs/02_llava.ipynb 24
+# %% ../nbs/02_llava.ipynb 28
 @torch.no_grad()
 def generate(model, processor,
              images: list, # PIL images
@@ -370,7 +370,7 @@ def answerer(model, processor, **generate_kw):
     def answer(images: list, questions: list) -> list: return generate(model, processor, images, questions, **generate_kw)
     return answer
 
-# %% ../nbs/02_llava.ipynb 28
+# %% ../nbs/02_llava.ipynb 32
 def save_vlm(model, processor, path,
              history: dict = None, # written beside them as history.json (a training record), when given
             ) -> Path:
@@ -413,7 +413,7 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
         processor.chat_template = processor.tokenizer.chat_template  # InstructBLIP's processor drops its template on loading; its tokenizer keeps it
     return model.to(device).eval(), processor
 
-# %% ../nbs/02_llava.ipynb 33
+# %% ../nbs/02_llava.ipynb 37
 def story_figures(model, processor, # a VLM and its processor
                   wcfg: WorldConfig, # the biased world
                   n: int = 100, # scenes of each kind
@@ -443,7 +443,7 @@ def reads_the_world(f: dict) -> bool:
     return f["typical exact"] >= 0.95 and f["typical presence"] >= 0.95
 
 
-# %% ../nbs/02_llava.ipynb 35
+# %% ../nbs/02_llava.ipynb 39
 def training_key(tcfg: BaseTrainConfig) -> dict:
     "What a model trained by `train_base(tcfg)` depends on: its recipe, the tokenizer's words and chat template, and CLIP's config."
     key = {"train": tcfg, "words": world_words(tcfg.world), "special_tokens": SPECIAL_TOKENS, "chat_template": CHAT_TEMPLATE}
@@ -502,7 +502,7 @@ register(ModelEntry("base", "the base model: exact on typical scenes, names the 
 register(ModelEntry("oracle", "the same recipe on a world without the prior: the floor alignment is measured against", "02_llava",
                     "vlmcourse.llava:oracle_vlm_path"))
 
-# %% ../nbs/02_llava.ipynb 55
+# %% ../nbs/02_llava.ipynb 59
 PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))  # the diagram's cells; the course's recipe is (1.0, 0.21)
 
 def phase_point(align_prior: float, # P(partner | object) in the alignment data
