@@ -109,3 +109,25 @@ def qformer_layer_params(d, f, dv):
 def first_colour(reply, colours):
     hits = [(m.start(), c) for c in colours for m in [re.search(rf"\b{re.escape(c)}\b", reply)] if m]
     return min(hits)[1] if hits else ""
+
+
+# 07_preference
+def gap_closed(run, base, oracle):
+    return (run - base) / (oracle - base)
+
+
+def welch_t(x, y):
+    import statistics
+    return (statistics.mean(x) - statistics.mean(y)) / (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
+
+
+# 12_demo
+def asked_object(prompt):
+    if not re.match(r"\s*(is there|are there|do you see|can you see)\b", prompt, re.I): return None
+    named = {m.object for m in find_objects(prompt, SHAPES)}
+    return named.pop() if len(named) == 1 else None
+
+
+def valid_seed(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)): return False
+    return float(x).is_integer() and 0 <= x <= 2**32 - 1

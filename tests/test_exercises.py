@@ -88,3 +88,21 @@ def test_plora_exercises():
     assert check(S.adapter_params, [(6, 5, 2), (64, 192, 8)],
                  lambda i, o, r: sum(p.numel() for n, p in PLoRALinear(nn.Linear(i, o), r=r, alpha=r, dropout=0.0).named_parameters() if "lora" in n))
     assert check(S.image_positions, [([[5, 3, 3, 7], [3, 1]], 3)], lambda ids, i: [[t == i for t in row] for row in ids])
+
+
+def test_preference_exercises():
+    from vlmcourse.preference import welch
+    assert check(S.gap_closed, [(0.515, 0.515, 0.0), (0.1, 0.5, 0.0), (0.75, 0.5, 1.0)], [0.0, 0.8, 0.5])
+    assert check(S.welch_t, [([0.6, 0.65, 0.7], [0.5, 0.45, 0.46]), ([0.1, 0.3], [0.2, 0.2, 0.5])], lambda x, y: float(welch(x, y)[0]))
+
+
+def test_demo_exercises():
+    from vlmcourse.demo import check_seed, presence_object
+    prompts = ["is there a circle in the image ?", "describe the image .", "are there two squares ?", "is there a circle or a square ?",
+               "can you see a ring ?", "what colour is the diamond ?", "is there anything red ?"]
+    assert check(S.asked_object, [(p,) for p in prompts], lambda p: presence_object(p))
+    def accepted(x):
+        try: check_seed(x)
+        except (ValueError, TypeError): return False
+        return True
+    assert check(S.valid_seed, [(0,), (2**32 - 1,), (2**32,), (-1,), (3.5,), (4.0,), (10**30,), (True,), ("5",)], accepted)
