@@ -131,3 +131,13 @@ def asked_object(prompt):
 def valid_seed(x):
     if isinstance(x, bool) or not isinstance(x, (int, float)): return False
     return float(x).is_integer() and 0 <= x <= 2**32 - 1
+
+
+# 13_real_models
+def pope_strict(reply):
+    words = reply.split(".")[0].replace(",", "").split(" ")
+    return "no" if any(w in ("No", "no", "not") for w in words) else "yes"
+
+
+def plural_of(word):
+    return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")

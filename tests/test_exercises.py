@@ -106,3 +106,11 @@ def test_demo_exercises():
         except (ValueError, TypeError): return False
         return True
     assert check(S.valid_seed, [(0,), (2**32 - 1,), (2**32,), (-1,), (3.5,), (4.0,), (10**30,), (True,), ("5",)], accepted)
+
+
+def test_real_models_exercises():
+    from vlmcourse.hallucination import pope_answer
+    from vlmcourse.world import plural
+    replies = ["No, there is not.", "Yes.", "Not at all", "No!", "no-one is there", "There is a no entry sign. Yes.", "yes, a circle", "nope"]
+    assert check(S.pope_strict, [(r,) for r in replies], lambda r: pope_answer(r, strict=True))
+    assert check(S.plural_of, [(w,) for w in ("circle", "cross", "box", "bench")], lambda w: plural(w))
