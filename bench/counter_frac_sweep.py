@@ -8,9 +8,7 @@ the base-to-oracle gap it closes, and Welch's t-test of DPO + SFT against SFT wh
 
 The sweep is cached (07_preference's `run_sweep`), so a rerun with the same arguments only prints."""
 import argparse
-from dataclasses import replace
 
-import numpy as np
 import pandas as pd
 
 from vlmcourse.dpo import DPOTrainConfig

@@ -18,3 +18,12 @@ def tiny_checkpoints(root):
     proc = build_processor(WorldConfig())
     save_vlm(build_vlm(proc, seed=1), proc, root / "untrained")
     return root
+
+
+def yes_sayer(folder):
+    "A model trained for 40 steps on presence questions only: it answers 'yes .' to them (about 2 s)."
+    torch.manual_seed(0)
+    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=40, presence_frac=1.0, caption_frac=0.0,
+                                                clip_init=False), progress=False)
+    save_vlm(model, proc, folder)
+    return folder

@@ -12,19 +12,18 @@ import html, inspect, re, socket
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from gradio_client import Client, handle_file
 
 from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, presence_question, render, sample_scenes
-from vlmcourse.llava import BaseTrainConfig, generate, load_vlm, save_vlm, train_base
+from vlmcourse.llava import generate, load_vlm
 from vlmcourse.hallucination import chair, evaluate_captions, find_objects, pope_answer
 from vlmcourse.llava import answerer
 from vlmcourse import registry
 from vlmcourse.demo import DemoConfig, SideBySide, build_app, launch_app, metrics_chart, serve
 from vlmcourse.cli import build_parser
-from helpers import free_port, tiny_checkpoints
+from helpers import free_port, tiny_checkpoints, yes_sayer
 
 WCFG = WorldConfig()
 PRIOR = {}  # where `prior_path` finds the prior model's folder, set by the `folders` fixture
@@ -33,15 +32,6 @@ PRIOR = {}  # where `prior_path` finds the prior model's folder, set by the `fol
 def prior_path(progress=True):
     "The registry's path function of the test's 'tiny-prior' entry."
     return PRIOR["path"]
-
-
-def yes_sayer(folder):
-    "A model trained for 40 steps on presence questions only: it answers 'yes .' to them (about 2 s)."
-    torch.manual_seed(0)
-    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=40, presence_frac=1.0, caption_frac=0.0,
-                                                clip_init=False), progress=False)
-    save_vlm(model, proc, folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

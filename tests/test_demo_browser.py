@@ -9,7 +9,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 from pathlib import Path
 
 import pytest
-import torch
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -19,23 +18,15 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 from PIL import Image
 from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, presence_question, render, sample_scenes
-from vlmcourse.llava import BaseTrainConfig, generate, load_vlm, save_vlm, train_base
+from vlmcourse.llava import generate, load_vlm
 from vlmcourse.hallucination import pope_answer
 from vlmcourse.demo import build_app, launch_app
-from helpers import free_port, tiny_checkpoints
+from helpers import free_port, tiny_checkpoints, yes_sayer
 
 WCFG = WorldConfig()
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run"]
 TIMEOUT = 60_000  # ms: the first request loads both models
-
-
-def yes_sayer(folder):
-    "A model trained for 40 steps on presence questions only: it answers 'yes .' to them (about 2 s)."
-    torch.manual_seed(0)
-    model, proc, _ = train_base(BaseTrainConfig(stage1_captions=640, stage2_steps=40, presence_frac=1.0, caption_frac=0.0,
-                                                clip_init=False), progress=False)
-    save_vlm(model, proc, folder)
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,17 @@ def test_trl_collator_scores_the_same_tokens(tiny):
         assert theirs["input_ids"][r][theirs["completion_mask"][r].bool()].tolist() == ours["labels"][r][ours["labels"][r] != -100].tolist()
 
 
+def policy_and_whole_sequence_loss(ref, proc, pairs):
+    "The reference after five SFT steps on the chosen answers, and the DPO loss of its whole-sequence log-probs against `ref`."
+    imgs, qs, cs, rs = unpack_pairs(pairs)
+    policy = copy.deepcopy(ref)
+    train_loop(policy, lambda k: sft_batch(proc, imgs, qs, cs), 5, 3e-3, progress=False)
+    b = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
+    with torch.no_grad():
+        (pc, pr), (rc, rr) = sequence_logps(policy, b).chunk(2), sequence_logps(ref, b).chunk(2)
+    return policy, dpo_loss(pc, pr, rc, rr)[0].mean().item()
+
+
 @pytest.mark.parametrize("same_question", [True, False])
 def test_sequence_logps_parity_with_trl(tiny, same_question):
     from trl import DPOTrainer
@@ -91,13 +102,7 @@ def test_sequence_logps_parity_with_trl(tiny, same_question):
     if arch == "instructblip":
         pytest.skip("TRL 1.16's DPOTrainer cannot run InstructBLIP: its fused LM head reads `last_hidden_state`, which InstructBLIP's output lacks")
     pairs = make_pairs(same_question)
-    imgs, qs, cs, rs = unpack_pairs(pairs)
-    policy = copy.deepcopy(ref)
-    train_loop(policy, lambda k: sft_batch(proc, imgs, qs, cs), 5, 3e-3, progress=False)
-    b = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
-    with torch.no_grad():
-        (pc, pr), (rc, rr) = sequence_logps(policy, b).chunk(2), sequence_logps(ref, b).chunk(2)
-    ours = dpo_loss(pc, pr, rc, rr)[0].mean().item()
+    policy, ours = policy_and_whole_sequence_loss(ref, proc, pairs)
     with tempfile.TemporaryDirectory() as d:
         tr = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), train_dataset=for_trl(pairs, proc), processing_class=proc,
                         args=trl_dpo_config(DPOTrainConfig(), d, max_steps=1, per_device_train_batch_size=4))
@@ -112,14 +117,8 @@ def test_dpo_train_first_step_equals_sequence_logps_on_each_architecture(tiny, m
     import vlmcourse.dpo as dpo
     arch, _, ref, proc = tiny
     pairs = make_pairs(False)
-    imgs, qs, cs, rs = unpack_pairs(pairs)
-    policy = copy.deepcopy(ref)
-    train_loop(policy, lambda k: sft_batch(proc, imgs, qs, cs), 5, 3e-3, progress=False)
-    b = sft_batch(proc, imgs * 2, qs * 2, cs + rs)
-    with torch.no_grad():
-        (pc, pr), (rc, rr) = sequence_logps(policy, b).chunk(2), sequence_logps(ref, b).chunk(2)
-    want = dpo_loss(pc, pr, rc, rr)[0].mean().item()
-    cfg = DPOTrainConfig(batch_size=len(cs), epochs=1)
+    policy, want = policy_and_whole_sequence_loss(ref, proc, pairs)
+    cfg = DPOTrainConfig(batch_size=len(pairs), epochs=1)
     got = dpo.dpo_train(copy.deepcopy(policy), proc, pairs, cfg, ref_model=ref, progress=False)["loss"][0]
     assert got == pytest.approx(want, abs=1e-4), arch
     if arch == "llava":  # the shared prefix applies here: the same pairs scored whole give the same step

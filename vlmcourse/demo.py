@@ -21,7 +21,7 @@ from .world import (CAPTION_PROMPT, COLOUR_RGB, POPE_SPLITS, Scene, WorldConfig,
                              render, sample_scenes)
 from .clip import to_rgb
 from .llava import answerer, default_device, generate, load_vlm
-from .registry import model_entry, models
+from .registry import models
 from .hallucination import (chair, evaluate_captions, evaluate_pope, find_objects, highlight_hallucinations,
                                      pope_answer, pope_metrics)
 

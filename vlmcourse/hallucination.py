@@ -5,8 +5,6 @@
 # %% ../nbs/03_hallucination.ipynb 3
 from __future__ import annotations
 import re
-from functools import lru_cache
-from typing import NamedTuple
 
 import numpy as np
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_llava.ipynb 3
 from __future__ import annotations
-import json, math, os, random, shutil, tempfile, time
+import json, math, os, random, tempfile, time
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 

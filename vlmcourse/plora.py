@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_plora.ipynb 3
 from __future__ import annotations
-import copy, json, math, os, shutil, tempfile, time
+import copy, json, math, os, tempfile, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
