@@ -1,4 +1,4 @@
-"""Latency of the side-by-side demo (12_demo): one question, answered by both models, through `gradio_client`.
+"""Latency of the side-by-side demo (13_demo): one question, answered by both models, through `gradio_client`.
 
 Launches the app on 127.0.0.1 and measures two paths, each with the caption prompt:
   - drawn: a Shapes world scene drawn by the app (`/new_scene`), asked about by its ground truth (no upload: what

@@ -121,7 +121,7 @@ def welch_t(x, y):
     return (statistics.mean(x) - statistics.mean(y)) / (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
 
 
-# 12_demo
+# 13_demo
 def asked_object(prompt):
     if not re.match(r"\s*(is there|are there|do you see|can you see)\b", prompt, re.I): return None
     named = {m.object for m in find_objects(prompt, SHAPES)}
@@ -133,7 +133,7 @@ def valid_seed(x):
     return float(x).is_integer() and 0 <= x <= 2**32 - 1
 
 
-# 13_real_models
+# 14_real_models
 def pope_strict(reply):
     words = reply.split(".")[0].replace(",", "").split(" ")
     return "no" if any(w in ("No", "no", "not") for w in words) else "yes"

@@ -1,4 +1,4 @@
-"""The side-by-side demo (12_demo), driven through `gradio_client` against the launched app.
+"""The side-by-side demo (13_demo), driven through `gradio_client` against the launched app.
 
 Three tiny models saved to a temporary folder keep this to seconds: a "prior" model trained for a moment on captions
 only (it names shapes whatever the image shows, so it hallucinates), an untrained one, and a "yes-sayer" trained for

@@ -1,4 +1,4 @@
-"""The side-by-side demo (12_demo) in a real browser: Debian's chromium, driven by Playwright's Python API.
+"""The side-by-side demo (13_demo) in a real browser: Debian's chromium, driven by Playwright's Python API.
 
 `playwright install` cannot download browsers here, so the test uses the system's /usr/bin/chromium
 (`apt-get install -y chromium`) and skips, saying so, when it is absent.

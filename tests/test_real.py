@@ -1,4 +1,4 @@
-"Real architectures, tiny and offline (13_real_models): the course's functions on LLaVA-1.5's, SmolVLM's and InstructBLIP's classes, POPE and CHAIR files, and `vlmcourse align`."
+"Real architectures, tiny and offline (14_real_models): the course's functions on LLaVA-1.5's, SmolVLM's and InstructBLIP's classes, POPE and CHAIR files, and `vlmcourse align`."
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import copy, json, math, tempfile

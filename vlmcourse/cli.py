@@ -117,11 +117,11 @@ def _models(a):
     for e in entries.values(): print(f"{e.name:<{w}s}{e.lesson:<16s}{e.what}")
 
 def _demo(a):
-    from vlmcourse.demo import serve  # 12_demo
+    from vlmcourse.demo import serve  # 13_demo
     serve(left=a.left, right=a.right, host=a.host, port=a.port, share=a.share, models_dir=a.models_dir, allow_hub=a.allow_hub)
 
 def _align(a):
-    from vlmcourse.real import AlignConfig, align, load_pairs  # 13_real_models
+    from vlmcourse.real import AlignConfig, align, load_pairs  # 14_real_models
     from vlmcourse.llava import load_vlm
     align_cfg = AlignConfig(beta=a.beta, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lora_r=a.lora_r,
                       lora_alpha=2 * a.lora_r)
