@@ -11,11 +11,9 @@ import argparse
 
 import pandas as pd
 
-from vlmcourse.dpo import DPOTrainConfig
 from vlmcourse.hallucination import hallucination_report
 from vlmcourse.llava import answerer, oracle_vlm
-from vlmcourse.pairs import PairConfig
-from vlmcourse.preference import AlignConfig, run_sweep, welch
+from vlmcourse.preference import counter_frac_runs, pick_best, run_sweep, sweep_markdown
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -26,13 +24,7 @@ p.add_argument("--write", default=None, help="CSV of every run's figures")
 p.add_argument("--also", nargs="*", default=[], help="CSVs written by earlier runs of this script (other seeds) to pool with this one")
 a = p.parse_args()
 
-dpo_sft = DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0)
-runs = {}
-for f in a.fracs:
-    pc = PairConfig(counter_frac=f)
-    runs[f"SFT, counter {f:g}"] = AlignConfig(objective="sft", source="bpo_inject", n_pairs=a.n_pairs, train=dpo_sft, pairs=pc)
-    runs[f"DPO + SFT, BPO injection, counter {f:g}"] = AlignConfig(objective="dpo", source="bpo_inject", n_pairs=a.n_pairs, train=dpo_sft, pairs=pc)
-    runs[f"DPO + SFT, BPO noise, counter {f:g}"] = AlignConfig(objective="dpo", source="bpo_noise", n_pairs=a.n_pairs, train=dpo_sft, pairs=pc)
+runs = counter_frac_runs(a.fracs, a.n_pairs)
 rows = run_sweep(runs, seeds=a.seeds, n_eval=a.n_eval)
 oracle = dict(run="oracle", seed=-1, **hallucination_report(answerer(*oracle_vlm(progress=False)), next(iter(runs.values())).base.world, n=a.n_eval))
 df = pd.DataFrame(rows + [oracle])
@@ -43,18 +35,6 @@ base, orc = df[df.run == "base"].iloc[0], df[df.run == "oracle"].iloc[0]
 for col, name in (("counter/chair_s", "gap closed, counter CHAIR_s"), ("pope_adversarial/accuracy", "gap closed, POPE adversarial acc")):
     gap = orc[col] - base[col]
     df[name] = (df[col] - base[col]) / gap if abs(gap) > 1e-9 else float("nan")
-cols = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
-        "pope_adversarial/accuracy", "pope_adversarial/f1", "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
-table = df.groupby("run", sort=False)[cols].agg(["mean", "std", "count"])
-pd.set_option("display.width", 250)
-print(df.groupby("run", sort=False)[cols].mean().round(3).to_string())
-
-
-for f in a.fracs:
-    sft = df[df.run == f"SFT, counter {f:g}"]["counter/chair_s"]
-    for neg in ("BPO injection", "BPO noise"):
-        d = df[df.run == f"DPO + SFT, {neg}, counter {f:g}"]["counter/chair_s"]
-        t, dof, pv = welch(d, sft)
-        print(f"counter {f:g}: DPO + SFT on {neg} vs SFT, counter CHAIR_s {d.mean():.3f} vs {sft.mean():.3f}"
-              + (f"; Welch t = {t:.2f} ({dof:.1f} dof), p = {pv:.3f} over {len(d)} and {len(sft)} seeds" if len(d) > 1 else "; one seed: no test"))
+print(sweep_markdown(df))  # the table, Welch's tests and the rule's best run, as 07_preference writes them into the README
+print("the best DPO + SFT run:", pick_best(df, prefix="DPO + SFT"))
 if a.write: df.to_csv(a.write, index=False)

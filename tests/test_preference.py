@@ -106,3 +106,51 @@ def test_results_table_and_markdown():
     assert md[0].startswith("| run | seeds | counter CHAIR_s | typical exact |")
     assert md[2] == "| base | 1 | 0.200 | 0.900 |"
     assert md[3] == "| A | 2 | 0.200 ± 0.141 | 0.900 ± 0.141 |"
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+SWEEP = ROOT / "nbs" / "results" / "counter_frac_sweep.csv"
+
+
+def test_readme_results_are_the_sweep_as_written_by_code():
+    import pandas as pd
+    from vlmcourse.preference import sweep_markdown
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- results -->", 1)[1].split("<!-- /results -->", 1)[0]
+    assert section.strip() == sweep_markdown(pd.read_csv(SWEEP)).strip(), "README's results differ from the sweep: run 07_preference (or write_section) again"
+
+
+def test_the_rule_picks_the_served_model_from_the_committed_sweep():
+    import pandas as pd
+    from vlmcourse.preference import counter_frac_runs, pick_best
+    assert counter_frac_runs()[pick_best(pd.read_csv(SWEEP))] == BEST_ALIGNMENT
+
+
+def _sweep(rows):
+    import pandas as pd
+    return pd.DataFrame([dict(run=r, seed=s, **{"counter/chair_s": c, "typical/exact": e}) for r, s, c, e in rows])
+
+
+def test_pick_best_by_hand():
+    from vlmcourse.preference import pick_best
+    df = _sweep([("base", -1, 0.5, 1.0), ("a", 0, 0.01, 0.95), ("a", 1, 0.01, 0.97),  # the lowest CHAIR_s, but 4 points of typical exact lost
+                 ("b", 0, 0.10, 1.0), ("b", 1, 0.06, 0.99), ("c", 0, 0.09, 1.0), ("c", 1, 0.09, 1.0), ("oracle", -1, 0.0, 1.0)])
+    assert pick_best(df) == "b"  # mean 0.08 < c's 0.09, typical exact 0.995 within a point; a is out, the oracle is no run
+    assert pick_best(df, within=0.05) == "a"
+    assert pick_best(df, prefix="c") == "c"
+    with pytest.raises(ValueError, match="no run"):
+        pick_best(df, within=0.0, prefix="a")
+    with pytest.raises(ValueError, match="base"):
+        pick_best(df[df.run != "base"])
+
+
+def test_write_section_replaces_between_markers_and_refuses_without_them(tmp_path):
+    from vlmcourse.preference import write_section
+    f = tmp_path / "R.md"
+    f.write_text("head\n<!-- results -->\nold\n<!-- /results -->\ntail\n")
+    write_section(f, "results", "new\ntable")
+    assert f.read_text() == "head\n<!-- results -->\nnew\ntable\n<!-- /results -->\ntail\n"
+    f.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="markers"):
+        write_section(f, "results", "x")
+    assert f.read_text() == "no markers here\n" and [p.name for p in tmp_path.iterdir()] == ["R.md"]  # untouched, no stray file

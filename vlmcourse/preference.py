@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_preference.ipynb 3
 from __future__ import annotations
-import json, math, time
+import json, math, os, time
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
@@ -22,8 +22,9 @@ from .pairs import PAIR_SOURCES, PairConfig, build_pairs
 from .hallucination import EVAL_SEED, hallucination_report
 
 # %% auto 0
-__all__ = ['OBJECTIVES', 'METRICS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align', 'run_sweep', 'results_table',
-           'results_markdown', 't_tail', 'welch', 'best_aligned_vlm_path', 'best_aligned_vlm']
+__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_NEGATIVES', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align',
+           'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch', 'counter_frac_runs', 'sweep_tests',
+           'pick_best', 'goal_check', 'sweep_markdown', 'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
 
 # %% ../nbs/07_preference.ipynb 7
 OBJECTIVES = ("sft", "dpo")
@@ -108,13 +109,16 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
 METRICS = {"counter/chair_s": "counter CHAIR_s", "counter/chair_i": "counter CHAIR_i", "typical/chair_s": "typical CHAIR_s",
            "typical/chair_i": "typical CHAIR_i", "pope_random/f1": "POPE F1 random", "pope_popular/f1": "POPE F1 popular",
            "pope_adversarial/f1": "POPE F1 adversarial", "counter/exact": "counter exact", "typical/exact": "typical exact",
-           "counter/recall": "counter recall", "typical/recall": "typical recall"}
+           "counter/recall": "counter recall", "typical/recall": "typical recall",
+           "pope_random/accuracy": "POPE acc random", "pope_adversarial/accuracy": "POPE acc adversarial"}
 
-def results_table(rows: list) -> pd.DataFrame:
+def results_table(rows: list, # one dict per run and seed: `run`, `seed` and figures
+                  cols: list = None, # the figures to summarise (default: every one of METRICS the rows have)
+                 ) -> pd.DataFrame:
     "Mean and standard deviation over seeds of every metric, one row per run (in the order first seen)."
     df = pd.DataFrame(rows)
     order = list(dict.fromkeys(df["run"]))
-    cols = [c for c in METRICS if c in df]
+    cols = cols or [c for c in METRICS if c in df]
     g = df.groupby("run", sort=False)[cols]
     out = pd.concat({"mean": g.mean(), "std": g.std(ddof=1).fillna(0.0)}, axis=1).reindex(order)
     out.insert(0, ("", "seeds"), g.size().reindex(order))
@@ -125,7 +129,7 @@ def results_markdown(table: pd.DataFrame, metrics: list = None) -> str:
     metrics = metrics or [c for c in METRICS if ("mean", c) in table]
     lines = ["| run | seeds | " + " | ".join(METRICS.get(m, m) for m in metrics) + " |", "| --- " * (len(metrics) + 2) + "|"]
     for run, r in table.iterrows():
-        cells = [f"{r[('mean', m)]:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "") for m in metrics]
+        cells = [f"{r[('mean', m)] + 0.0:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "") for m in metrics]  # + 0.0: no '-0.000'
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -150,9 +154,95 @@ def welch(x, y):
     dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
     return t, dof, t_tail(t, dof)
 
-# %% ../nbs/07_preference.ipynb 42
-BEST_ALIGNMENT = AlignConfig(objective="dpo", source="bpo_inject", n_pairs=1500, pairs=PairConfig(injections=("add",)),
-                             train=DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0), seed=0)  # from 07_preference's sweep
+# %% ../nbs/07_preference.ipynb 38
+SWEEP_NEGATIVES = {"BPO injection": "bpo_inject", "BPO noise": "bpo_noise"}  # the DPO + SFT runs of the counter-share sweep
+
+def counter_frac_runs(fracs=(0.0, 0.5), # shares of counter-prior scenes in the pairs (PairConfig.counter_frac)
+                      n_pairs: int = 1500, # the budget of every run
+                     ) -> dict:
+    "The counter-share sweep, {name: AlignConfig}: per share, SFT on the chosen answers and DPO + SFT on each of SWEEP_NEGATIVES."
+    train = DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0)
+    runs = {}
+    for f in fracs:
+        pc = PairConfig(counter_frac=f)
+        runs[f"SFT, counter {f:g}"] = AlignConfig(objective="sft", source="bpo_inject", n_pairs=n_pairs, train=train, pairs=pc)
+        for neg, source in SWEEP_NEGATIVES.items():
+            runs[f"DPO + SFT, {neg}, counter {f:g}"] = AlignConfig(objective="dpo", source=source, n_pairs=n_pairs, train=train, pairs=pc)
+    return runs
+
+# %% ../nbs/07_preference.ipynb 39
+def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. results/counter_frac_sweep.csv
+                metric: str = "counter/chair_s",
+               ) -> dict:
+    "Welch's t-test of each DPO + SFT run against SFT on the same share: {(share, negative): dict(run, sft, t, p, line)}."
+    out = {}
+    for sft_run in dict.fromkeys(r for r in df["run"] if r.startswith("SFT, counter ")):
+        share = sft_run.removeprefix("SFT, counter ")
+        sft = df.loc[df.run == sft_run, metric]
+        for neg in SWEEP_NEGATIVES:
+            d = df.loc[df.run == f"DPO + SFT, {neg}, counter {share}", metric]
+            if d.empty: continue
+            t, dof, pv = welch(d, sft)
+            out[(float(share), neg)] = dict(run=d.mean(), sft=sft.mean(), t=t, p=pv, line=(
+                f"counter share {share}: DPO + SFT on {neg} {d.mean():.3f} vs SFT {sft.mean():.3f} {metric}; "
+                + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1 else "one seed: no test")))
+    return out
+
+# %% ../nbs/07_preference.ipynb 45
+def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the base model's row (run 'base')
+              within: float = 0.01, # how far below the base model's typical exact a run may fall
+              prefix: str = "", # consider only runs whose name starts with this (e.g. 'DPO + SFT'); all by default
+             ) -> str:
+    "The best run of a sweep: the lowest mean counter-prior CHAIR_s among runs whose mean typical exact is within `within` of the base model's."
+    if "base" not in set(df["run"]): raise ValueError("the sweep has no 'base' row, whose typical exact the rule compares against")
+    runs = df[~df.run.isin(["base", "oracle"]) & df.run.str.startswith(prefix)]
+    m = runs.groupby("run", sort=False)[["counter/chair_s", "typical/exact"]].mean()
+    ok = m[m["typical/exact"] >= df.loc[df.run == "base", "typical/exact"].iloc[0] - within - 1e-9]
+    if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps typical exact within {within} of the base model's")
+    return ok["counter/chair_s"].idxmin()
+
+# %% ../nbs/07_preference.ipynb 48
+def goal_check(df: pd.DataFrame, run: str) -> dict:
+    "The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to the oracle closed."
+    m, b = df[df.run == run].mean(numeric_only=True), df[df.run == "base"].iloc[0]
+    cut = 1 - m["counter/chair_s"] / b["counter/chair_s"]
+    return {"CHAIR_s cut": round(cut, 3), "typical exact drop": round(b["typical/exact"] - m["typical/exact"], 3),
+            "gap closed": round(m["gap closed, counter CHAIR_s"], 3),
+            "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9 and m["gap closed, counter CHAIR_s"] >= 0.75)}
+
+# %% ../nbs/07_preference.ipynb 52
+SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
+                 "pope_adversarial/accuracy", "pope_adversarial/f1", "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
+
+def sweep_markdown(df: pd.DataFrame) -> str:
+    "The README's results: the sweep's table (mean ± std over seeds), Welch's tests, and the rule's best run against its goal."
+    best = pick_best(df)
+    g = goal_check(df, best)
+    lines = [results_markdown(results_table(df.to_dict("records"), SWEEP_COLUMNS), SWEEP_COLUMNS), ""]
+    lines += [f"- {t['line']}" for t in sweep_tests(df).values()]
+    lines += ["", f"The rule's best run (`pick_best`: the lowest counter CHAIR_s among runs within a point of the base model's "
+              f"typical exact) is **{best}**: counter CHAIR_s {g['CHAIR_s cut']:.0%} below the base model's, "
+              f"{g['gap closed']:.0%} of the base-to-oracle gap closed, typical exact {g['typical exact drop']:.3f} below the base "
+              f"model's; the goal (80%, 1 point, 75%) is {'met' if g['goal met'] else 'not met'}."]
+    return "\n".join(lines)
+
+def write_section(path, # a text file, e.g. README.md
+                  name: str, # the section's markers are `<!-- name -->` and `<!-- /name -->`
+                  text: str, # what goes between them
+                 ) -> Path:
+    "Replace what lies between a file's `<!-- name -->` and `<!-- /name -->` markers with `text`, writing the file whole or not at all."
+    path = Path(path)
+    s, start, end = path.read_text(), f"<!-- {name} -->", f"<!-- /{name} -->"
+    if s.count(start) != 1 or s.count(end) != 1 or s.index(start) > s.index(end):
+        raise ValueError(f"{path} must hold {start} once and then {end} once around the section to write; add the markers")
+    new = s[:s.index(start) + len(start)] + "\n" + text.strip("\n") + "\n" + s[s.index(end):]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    return path
+
+# %% ../nbs/07_preference.ipynb 57
+BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
     "The cached checkpoint folder of an aligned model (trained from the base model on first use)."
@@ -169,5 +259,5 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
     "(model, processor) of the best aligned model: trained once from the base model, then loaded from the cache."
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
 
-register(ModelEntry("aligned", "the best alignment of 07_preference's sweep (DPO + SFT on BPO injection pairs)", "07_preference",
+register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (SFT, half counter-prior pairs)", "07_preference",
                     "vlmcourse.preference:best_aligned_vlm_path"))
