@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached_artifact
-from .world import WorldConfig
 from .llava import BaseTrainConfig, answerer, base_vlm, epoch_batches, load_vlm, save_vlm, sft_batch, train_loop, training_key
 from .registry import ModelEntry, register
 from .dpo import DPOTrainConfig, dpo_train, unpack_pairs
@@ -22,7 +21,7 @@ from .pairs import PAIR_SOURCES, PairConfig, build_pairs
 from .hallucination import EVAL_SEED, hallucination_report
 
 # %% auto 0
-__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_NEGATIVES', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align',
+__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align',
            'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch', 'counter_frac_runs', 'sweep_tests',
            'pick_best', 'goal_check', 'sweep_markdown', 'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
 
@@ -133,7 +132,7 @@ def results_markdown(table: pd.DataFrame, metrics: list = None) -> str:
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-# %% ../nbs/07_preference.ipynb 36
+# %% ../nbs/07_preference.ipynb 37
 def t_tail(t: float, dof: float) -> float:
     "Two-sided p-value of Student's t with `dof` degrees of freedom (Simpson's rule on the density; no scipy needed)."
     t = abs(t)
@@ -154,41 +153,48 @@ def welch(x, y):
     dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
     return t, dof, t_tail(t, dof)
 
-# %% ../nbs/07_preference.ipynb 38
-SWEEP_NEGATIVES = {"BPO injection": "bpo_inject", "BPO noise": "bpo_noise"}  # the DPO + SFT runs of the counter-share sweep
+# %% ../nbs/07_preference.ipynb 39
+SWEEP_KINDS = {  # name: (objective, pair source, SFT term's weight, decoder of the weakened image)
+    "SFT": ("sft", "bpo_inject", 1.0, "plain"),  # the chosen answers alone (of the injection pairs: the same scenes and prompts)
+    "DPO + SFT, BPO injection": ("dpo", "bpo_inject", 1.0, "plain"),
+    "DPO + SFT, BPO noise": ("dpo", "bpo_noise", 1.0, "plain"),
+    "DPO + SFT, BPO contrastive": ("dpo", "bpo_noise", 1.0, "contrastive"),  # BPO's contrastive decoding of the weakened image
+    "DPO + SFT, SeVa": ("dpo", "seva", 1.0, "plain"),
+    "DPO, BPO injection": ("dpo", "bpo_inject", 0.0, "plain"),  # plain DPO: no anchor on the chosen answer
+    "DPO, BPO noise": ("dpo", "bpo_noise", 0.0, "plain"),
+}
 
 def counter_frac_runs(fracs=(0.0, 0.5), # shares of counter-prior scenes in the pairs (PairConfig.counter_frac)
                       n_pairs: int = 1500, # the budget of every run
+                      kinds=tuple(SWEEP_KINDS), # which runs of SWEEP_KINDS, for every share
                      ) -> dict:
-    "The counter-share sweep, {name: AlignConfig}: per share, SFT on the chosen answers and DPO + SFT on each of SWEEP_NEGATIVES."
-    train = DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0)
+    "The counter-share sweep, {'<kind>, counter <share>': AlignConfig}, all from the base model on the same budget and optimiser."
     runs = {}
     for f in fracs:
-        pc = PairConfig(counter_frac=f)
-        runs[f"SFT, counter {f:g}"] = AlignConfig(objective="sft", source="bpo_inject", n_pairs=n_pairs, train=train, pairs=pc)
-        for neg, source in SWEEP_NEGATIVES.items():
-            runs[f"DPO + SFT, {neg}, counter {f:g}"] = AlignConfig(objective="dpo", source=source, n_pairs=n_pairs, train=train, pairs=pc)
+        for kind in kinds:
+            objective, source, sft_weight, decoder = SWEEP_KINDS[kind]
+            runs[f"{kind}, counter {f:g}"] = AlignConfig(objective=objective, source=source, n_pairs=n_pairs,
+                                                         train=DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=sft_weight),
+                                                         pairs=PairConfig(counter_frac=f, decoder=decoder))
     return runs
 
-# %% ../nbs/07_preference.ipynb 39
+# %% ../nbs/07_preference.ipynb 40
 def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. results/counter_frac_sweep.csv
                 metric: str = "counter/chair_s",
                ) -> dict:
-    "Welch's t-test of each DPO + SFT run against SFT on the same share: {(share, negative): dict(run, sft, t, p, line)}."
+    "Welch's t-test of each run against SFT on the same share: {(share, kind): dict(run, sft, t, p, line)}."
     out = {}
-    for sft_run in dict.fromkeys(r for r in df["run"] if r.startswith("SFT, counter ")):
-        share = sft_run.removeprefix("SFT, counter ")
-        sft = df.loc[df.run == sft_run, metric]
-        for neg in SWEEP_NEGATIVES:
-            d = df.loc[df.run == f"DPO + SFT, {neg}, counter {share}", metric]
-            if d.empty: continue
-            t, dof, pv = welch(d, sft)
-            out[(float(share), neg)] = dict(run=d.mean(), sft=sft.mean(), t=t, p=pv, line=(
-                f"counter share {share}: DPO + SFT on {neg} {d.mean():.3f} vs SFT {sft.mean():.3f} {metric}; "
-                + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1 else "one seed: no test")))
+    for name in dict.fromkeys(df["run"]):
+        kind, _, share = name.rpartition(", counter ")
+        if not kind or kind == "SFT" or f"SFT, counter {share}" not in set(df["run"]): continue
+        d, sft = df.loc[df.run == name, metric], df.loc[df.run == f"SFT, counter {share}", metric]
+        t, dof, pv = welch(d, sft)
+        out[(float(share), kind)] = dict(run=d.mean(), sft=sft.mean(), t=t, p=pv, line=(
+            f"counter share {share}: {kind} {d.mean():.3f} vs SFT {sft.mean():.3f} {metric}; "
+            + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1 else "one seed: no test")))
     return out
 
-# %% ../nbs/07_preference.ipynb 45
+# %% ../nbs/07_preference.ipynb 47
 def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the base model's row (run 'base')
               within: float = 0.01, # how far below the base model's typical exact a run may fall
               prefix: str = "", # consider only runs whose name starts with this (e.g. 'DPO + SFT'); all by default
@@ -201,7 +207,7 @@ def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the
     if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps typical exact within {within} of the base model's")
     return ok["counter/chair_s"].idxmin()
 
-# %% ../nbs/07_preference.ipynb 48
+# %% ../nbs/07_preference.ipynb 50
 def goal_check(df: pd.DataFrame, run: str) -> dict:
     "The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to the oracle closed."
     m, b = df[df.run == run].mean(numeric_only=True), df[df.run == "base"].iloc[0]
@@ -210,7 +216,7 @@ def goal_check(df: pd.DataFrame, run: str) -> dict:
             "gap closed": round(m["gap closed, counter CHAIR_s"], 3),
             "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9 and m["gap closed, counter CHAIR_s"] >= 0.75)}
 
-# %% ../nbs/07_preference.ipynb 52
+# %% ../nbs/07_preference.ipynb 54
 SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
                  "pope_adversarial/accuracy", "pope_adversarial/f1", "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
 
@@ -241,8 +247,8 @@ def write_section(path, # a text file, e.g. README.md
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/07_preference.ipynb 57
-BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
+# %% ../nbs/07_preference.ipynb 59
+BEST_ALIGNMENT = counter_frac_runs((0.5,))["DPO + SFT, BPO contrastive, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
     "The cached checkpoint folder of an aligned model (trained from the base model on first use)."
@@ -259,5 +265,5 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
     "(model, processor) of the best aligned model: trained once from the base model, then loaded from the cache."
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
 
-register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (SFT, half counter-prior pairs)", "07_preference",
+register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (DPO + SFT on BPO's contrastive pairs, half counter-prior)", "07_preference",
                     "vlmcourse.preference:best_aligned_vlm_path"))
