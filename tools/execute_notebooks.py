@@ -9,7 +9,7 @@ Cells flagged as nbdev_test skips them (settings.ini's tst_flags: slow, gpu, hub
 output; `IN_TEST` is not set, so each lesson runs at its full size. The notebook is written only when every cell ran,
 and then cleaned with nbdev_clean (which keeps outputs: settings.ini has clear_all = False), so CI's cleanliness check
 still passes."""
-import argparse, configparser, os, subprocess, sys, time
+import argparse, configparser, os, re, subprocess, sys, time
 from pathlib import Path
 
 from execnb.nbio import read_nb, write_nb
@@ -28,6 +28,33 @@ def directives(source: str) -> set:
     return {w for line in source.splitlines() if line.startswith("#|") for w in line[2:].split()}
 
 
+WARNING = re.compile(r"^\S.*:\d+: \w*Warning: ")  # "file:line: FutureWarning: ..." as Python's warnings print it
+
+
+BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # a tqdm bar: "  0%|          | 0/1 [00:00<?, ?it/s]"
+
+
+def drop_library_warnings(nb):
+    "Remove the warnings and progress bars libraries print to stderr (they name this machine's paths, or only say how fast it was)."
+    for cell in nb.cells:
+        outs = []
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream" and o.get("name") == "stderr":
+                lines, keep, skip = "".join(o["text"]).splitlines(keepends=True), [], False
+                for line in lines:
+                    if WARNING.match(line):
+                        skip = True
+                        continue
+                    if skip and line.startswith(" "): continue  # the source line a warning quotes
+                    if BAR.search(line): continue  # a library's progress bar (e.g. transformers' "Writing model shards")
+                    skip = False
+                    keep.append(line)
+                if not "".join(keep).strip(): continue
+                o["text"] = keep
+            outs.append(o)
+        if "outputs" in cell: cell["outputs"] = outs
+
+
 def execute(path: Path, flags: set) -> float:
     nb = read_nb(path)
     def skip(cell):
@@ -41,6 +68,7 @@ def execute(path: Path, flags: set) -> float:
     try: CaptureShell(path).run_all(nb, exc_stop=True, preproc=skip)
     finally: os.chdir(cwd)
     seconds = time.time() - t0
+    drop_library_warnings(nb)
     write_nb(nb, path)
     return seconds
 
