@@ -209,7 +209,8 @@ def trl_grpo_config(gcfg: GRPOTrainConfig, # the course's config
               scale_rewards="group", num_iterations=1, temperature=gcfg.temperature, learning_rate=gcfg.lr, lr_scheduler_type="constant",
               warmup_steps=0, max_steps=gcfg.max_steps, seed=gcfg.seed, data_seed=gcfg.seed, disable_dropout=True,
               bf16=False,  # TRL's default runs a CPU forward in bfloat16 autocast
-              gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=not progress,
+              activation_checkpointing=False,  # TRL would recompute activations: time spent, nothing saved at this size
+              logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=not progress,
               use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return GRPOConfig(**kw)
