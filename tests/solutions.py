@@ -141,3 +141,15 @@ def pope_strict(reply):
 
 def plural_of(word):
     return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")
+
+
+# 12_rl
+def caption_reward(named, truth, w_named, w_invented):
+    named = set(named)
+    return w_named * len(named & set(truth)) - w_invented * len(named - set(truth))
+
+
+def group_advantage(rewards):
+    import statistics
+    m, sd = statistics.mean(rewards), statistics.stdev(rewards)
+    return [(r - m) / (sd + 1e-4) for r in rewards]

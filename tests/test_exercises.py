@@ -114,3 +114,15 @@ def test_real_models_exercises():
     replies = ["No, there is not.", "Yes.", "Not at all", "No!", "no-one is there", "There is a no entry sign. Yes.", "yes, a circle", "nope"]
     assert check(S.pope_strict, [(r,) for r in replies], lambda r: pope_answer(r, strict=True))
     assert check(S.plural_of, [(w,) for w in ("circle", "cross", "box", "bench")], lambda w: plural(w))
+
+
+def test_rl_exercises():
+    from vlmcourse.rl import RewardConfig, group_advantages, hallucination_reward
+    from vlmcourse.world import Scene, ShapeObject, WorldConfig
+    def exported(named, truth, w_named, w_invented):
+        sc = Scene(tuple(ShapeObject(s, "red", k, 0.8) for k, s in enumerate(truth)))
+        return hallucination_reward([" and ".join(f"a {w}" for w in named) + " ."], [sc], WorldConfig(), reward_cfg=RewardConfig(w_invented, w_named))[0]
+    assert check(S.caption_reward, [(["circle", "square"], ["circle"], 0.5, 1.0), (["circle", "circle", "ring"], ["circle", "ring", "cross"], 0.5, 1.0),
+                                    ([], ["circle"], 0.5, 1.0), (["square", "square", "diamond"], ["circle"], 0.0, 2.0)], exported)
+    assert check(S.group_advantage, [([1.0, 0.0, 0.0, 1.0],), ([0.5, 0.5, 0.5],), ([-2.0, 1.0, 1.5, 0.0, 1.0, 1.0, -1.0, 0.5],)],
+                 lambda r: group_advantages(r, len(r)).tolist(), tol=1e-5)
