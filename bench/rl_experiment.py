@@ -1,6 +1,6 @@
 """GRPO against the best DPO + SFT run of 07_preference at equal wall-clock compute on this machine, several seeds.
 
-For each seed: 07's best alignment (DPO + SFT on BPO injection pairs, half counter-prior scenes) is trained from the base
+For each seed: 07's best alignment (`BEST_ALIGNMENT`, the DPO + SFT run 07's rule picks) is trained from the base
 model and timed (pairs built and trained); then GRPO (TRL's GRPOTrainer, 12_rl's reward) gets the same wall-clock budget,
 once with the lesson's reward weights and once with `named = 0` (nothing rewards naming a true object: the reward hack's
 setting), and once with four times the budget (what more compute buys). Every model is measured with 03_hallucination's report (CHAIR and recall on typical and counter-prior scenes,
@@ -8,7 +8,7 @@ POPE's three splits on counter-prior scenes), POPE adversarial on typical scenes
 
     python bench/rl_experiment.py --seeds 0 1 2 --write nbs/results/rl_seeds.csv --curves nbs/results/rl_curves.csv
 
-Run it through /work/tools/cpu1 (one thread, the machine otherwise shared), so both arms see the same CPU."""
+Run it with OMP_NUM_THREADS=1 on an otherwise idle core, so both arms see the same CPU."""
 import argparse, time
 from dataclasses import replace
 
@@ -52,7 +52,8 @@ for seed in a.seeds:
     budget = time.time() - t0  # pairs built, reference log-probs and training: the whole run
     rows.append(measure("DPO + SFT", seed, model, dict(seconds=budget, steps=hist["steps"])))
     for run, reward, scale in (("GRPO", RewardConfig(), 1), ("GRPO, named = 0", RewardConfig(named=0.0), 1), ("GRPO, 4x compute", RewardConfig(), 4)):
-        model, _, h = grpo_train(GRPOTrainConfig(seconds=scale * budget, max_steps=120 * scale, reward=reward, seed=seed), tcfg, progress=False)
+        model, _, h = grpo_train(GRPOTrainConfig(seconds=scale * budget, max_steps=int(10 * scale * budget) + 10,  # the budget stops it first (about 5 steps/s)
+                                                   reward=reward, seed=seed), tcfg, progress=False)
         rows.append(measure(run, seed, model, dict(seconds=h["seconds_total"], steps=h["steps"])))
         curves += [dict(run=run, seed=seed, step=s, reward=r, kl=k, completion_length=c, seconds=t)
                    for s, r, k, c, t in zip(h["step"], h["reward"], h["kl"], h["completion_length"], h["seconds"])]
