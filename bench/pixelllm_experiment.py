@@ -3,7 +3,7 @@ them all and write nbs/results/pixelllm_seeds.csv and pixelllm_hallucinated.csv,
 
 One run per call, so that a shared machine's CPU slot is released between runs:
 
-    for s in 0 1 2; do for w in 0 0.1 1; do
+    for s in 0 1 2 3 4; do for w in 0 0.1 1; do
       /work/tools/cpu1 python bench/pixelllm_experiment.py train --seed $s --weight $w; done; done
     /work/tools/cpu1 python bench/pixelllm_experiment.py evaluate --weights 0,0.1,1
 
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("what", choices=("train", "evaluate"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", type=float, default=PixelTrainConfig().point_weight)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--weights", default="0,0.1,1")
     ap.add_argument("--n_eval", type=int, default=200)
     a = ap.parse_args()

@@ -11,7 +11,7 @@ import torch
 
 from vlmcourse.llava import build_processor, build_vlm, load_vlm, sft_batch
 from vlmcourse.pixelllm import (HEAD_WEIGHTS, LOCATION_PROMPT, PIXEL_KEYS, PixelBatches, PixelHead, PixelHeadConfig, PixelTrainConfig,
-                                attach_head, cell_of, describe_at, ground_words, grounding_rows, load_pixelllm, location_prompt,
+                                attach_head, cell_of, describe_at, ground_words, grounded_image, grounding_rows, load_pixelllm, location_prompt,
                                 location_rows, object_centre, pixel_examples, pixel_head, pixel_loss_fn, point_loss, save_pixelllm,
                                 word_objects, word_targets)
 from vlmcourse.world import CAPTION_PROMPT, WorldConfig, caption, cell_box, object_mask, render, sample_scenes
@@ -227,3 +227,23 @@ def test_registered():
     from vlmcourse.registry import model_entry
     e = model_entry("pixelllm")
     assert e.loader == "vlmcourse.pixelllm:load_pixelllm" and e.lesson == "10_pixelllm"
+
+
+def test_grounded_image(with_head, proc):
+    s = sample_scenes(WCFG, 1, seed=3)[0]
+    img = render(s, WCFG)
+    pic, text = grounded_image(with_head, proc, img, caption(s, WCFG), scale=4)
+    assert pic.size == (128, 128) and text == caption(s, WCFG)
+    assert pic != img.resize((128, 128))  # something was drawn
+    plain, _ = grounded_image(with_head, proc, img, caption(s, WCFG), words=(), scale=4)
+    assert plain == img.resize((128, 128), 0)  # no word chosen: the enlarged image alone
+    with pytest.raises(TypeError, match="PIL image"): grounded_image(with_head, proc, "x.png")
+
+
+def test_demo_grounds_a_model_with_a_point_head(with_head, tiny, proc):
+    from vlmcourse.demo import SideBySide, ground_both, scene_truth
+    s = sample_scenes(WCFG, 1, seed=5)[0]
+    sbs = SideBySide(left=(with_head, proc), right=(tiny, proc))
+    left, right, md = ground_both(sbs, None, scene_truth(s, WCFG))
+    assert left.size == (WCFG.image_size * sbs.cfg.display_scale,) * 2 and right is None
+    assert "no point head" in md and md.count("**") == 4

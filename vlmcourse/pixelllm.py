@@ -25,7 +25,7 @@ __all__ = ['LOCATION_PROMPT', 'PIXEL_KEYS', 'HEAD_WEIGHTS', 'HEAD_CONFIG', 'PIXE
            'word_targets', 'point_loss', 'PixelHeadConfig', 'PixelHead', 'attach_head', 'pixel_head', 'location_prompt',
            'PixelTrainConfig', 'location_answer', 'pixel_examples', 'PixelBatches', 'pixel_loss_fn', 'pixel_train',
            'save_pixelllm', 'load_pixelllm', 'pixelllm_run_path', 'pixelllm_vlm_path', 'ground_words', 'describe_at',
-           'cell_of', 'grounding_rows', 'location_rows', 'pixel_report']
+           'grounded_image', 'cell_of', 'grounding_rows', 'location_rows', 'pixel_report']
 
 # %% ../nbs/10_pixelllm.ipynb 7
 def object_centre(obj, wcfg: WorldConfig) -> tuple:
@@ -385,7 +385,30 @@ def describe_at(model, processor, # a LLaVA with a point head and its processor
             out += generate(model, processor, images[i:i + batch_size], LOCATION_PROMPT, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return out
 
-# %% ../nbs/10_pixelllm.ipynb 43
+def grounded_image(model, processor, # a LLaVA with a point head and its processor
+                   image, # a PIL image
+                   text: str = None, # the text to ground; default: the model's caption of the image
+                   words=None, # the words to draw (default: every word of the text)
+                   scale: int = 8, # the image is enlarged this many times, so that the labels are legible
+                  ) -> tuple:
+    "(image, text): `image` enlarged, with each word of `text` drawn as a dot and its label at the point the head gives it; for a demo."
+    from PIL import ImageDraw
+    from vlmcourse.llava import describe
+    if not isinstance(image, Image.Image): raise TypeError(f"image must be a PIL image, not {type(image).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1: raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    image = image.convert("RGB")
+    text = text if text is not None else describe(model, processor, [image])[0]
+    if not text.strip(): return image.resize((image.width * scale, image.height * scale), Image.NEAREST), text
+    out = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    d = ImageDraw.Draw(out)
+    for w, x, y in ground_words(model, processor, image, text):
+        if words is not None and w not in words: continue
+        X, Y = x * scale, y * scale
+        d.ellipse([X - 4, Y - 4, X + 4, Y + 4], fill=(255, 255, 255), outline=(0, 0, 0))
+        d.text((X + 6, Y - 6), w, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+    return out, text
+
+# %% ../nbs/10_pixelllm.ipynb 45
 def cell_of(x: float, y: float, wcfg: WorldConfig) -> int:
     "The grid cell a pixel point falls in (points on the image's edge count in its edge cells)."
     step = wcfg.image_size / wcfg.grid
@@ -474,6 +497,6 @@ def pixel_report(model, processor, wcfg: WorldConfig, n: int = 200, seed: int = 
         locs += l
     return fig, words, locs
 
-# %% ../nbs/10_pixelllm.ipynb 44
+# %% ../nbs/10_pixelllm.ipynb 46
 register(ModelEntry("pixelllm", "the base model with PixelLLM's point head: a location for every word, and captions of the object at a point",
                     "10_pixelllm", "vlmcourse.pixelllm:pixelllm_vlm_path", loader="vlmcourse.pixelllm:load_pixelllm"))
