@@ -143,6 +143,18 @@ def plural_of(word):
     return word + ("es" if word.endswith(("s", "x", "z", "ch", "sh")) else "s")
 
 
+# 10_pixelllm
+def mean_point_error(pred, target, mask):
+    errors = [abs(p[c] - t[c]) for p, t, m in zip(pred, target, mask) if m for c in (0, 1)]
+    return sum(errors) / len(errors)
+
+
+def cell_index(x, y, image_size, grid):
+    step = image_size / grid
+    col, row = (min(max(int(v // step), 0), grid - 1) for v in (x, y))
+    return row * grid + col
+
+
 # 12_rl
 def caption_reward(named, truth, w_named, w_invented):
     named = set(named)

@@ -116,6 +116,15 @@ def test_real_models_exercises():
     assert check(S.plural_of, [(w,) for w in ("circle", "cross", "box", "bench")], lambda w: plural(w))
 
 
+def test_pixelllm_exercises():
+    from vlmcourse.pixelllm import cell_of, point_loss
+    def exported(p, t, m): return point_loss(torch.tensor([p]), torch.tensor([t]), torch.tensor([m])).item()
+    assert check(S.mean_point_error, [([(0.1, 0.2), (0.5, 0.5), (0.9, 0.9)], [(0.2, 0.4), (0.0, 0.0), (1.0, 1.0)], [True, False, True]),
+                                      ([(0.0, 1.0), (1.0, 0.0)], [(1.0, 1.0), (1.0, 1.0)], [True, True])], exported, tol=1e-6)
+    assert check(S.cell_index, [(0, 0, 32, 2), (16, 3, 32, 2), (31.9, 31.9, 32, 2), (40, -2, 32, 2), (20, 20, 30, 3)],
+                 lambda x, y, s, g: cell_of(x, y, WorldConfig(image_size=s, grid=g, max_objects=min(3, g * g))))
+
+
 def test_rl_exercises():
     from vlmcourse.rl import RewardConfig, group_advantages, hallucination_reward
     from vlmcourse.world import Scene, ShapeObject, WorldConfig

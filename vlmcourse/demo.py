@@ -30,8 +30,8 @@ __all__ = ['IMAGE_FORMATS', 'SCENE_KINDS', 'LABELS', 'SIDES', 'HUB_ID', 'CAPTION
            'USER_ERRORS', 'DEFAULT_PROMPTS', 'DemoConfig', 'RefusedUpload', 'read_image', 'is_world_image',
            'tidy_prompt', 'unknown_words', 'presence_object', 'kind_help', 'scene_truth', 'scene_from_truth',
            'truth_markdown', 'md_escape', 'check_seed', 'new_scene', 'enlarge', 'answer_segments', 'verdict', 'Offer',
-           'ModelMenu', 'LoadedModel', 'ModelCache', 'SideBySide', 'metrics_chart', 'image_input', 'message_html',
-           'build_app', 'launch_app', 'serve']
+           'ModelMenu', 'LoadedModel', 'ModelCache', 'SideBySide', 'metrics_chart', 'ground_both', 'image_input',
+           'message_html', 'build_app', 'launch_app', 'serve']
 
 # %% ../nbs/13_demo.ipynb 6
 @dataclass(frozen=True)
@@ -533,6 +533,25 @@ def metrics_chart(table: pd.DataFrame, # one row per metric ('metric' column), o
     return fig
 
 # %% ../nbs/13_demo.ipynb 35
+def ground_both(sbs: SideBySide, image, truth, choice: dict = None) -> tuple:
+    "(left image, right image, markdown): each side's caption with its colour and shape words drawn where its point head puts them; no image for a model without a point head."
+    from .pixelllm import grounded_image
+    img, _, note = sbs.image_and_truth(image, truth)
+    words = sbs.cfg.world.colours + sbs.cfg.world.shapes
+    pics, lines = [], []
+    for side, title in sbs.names(choice).items():
+        m = sbs.model(sbs.choice(choice)[side])
+        if getattr(m.model, "pixel_head", None) is None:
+            pics.append(None)
+            lines.append(f"**{md_escape(title)}**: no point head, so its words have no place (PixelLLM's model, `10_pixelllm`, has one)")
+            continue
+        with m.lock: pic, text = grounded_image(m.model, m.processor, img, words=words, scale=sbs.cfg.display_scale)
+        pics.append(pic)
+        lines.append(f"**{md_escape(title)}**: {md_escape(text)}")
+    if note: lines.append(f"*{md_escape(note)}*")
+    return pics[0], pics[1], "  \n".join(lines)
+
+# %% ../nbs/13_demo.ipynb 37
 def image_input(**kw) -> gr.Image:
     "A `gr.Image` that hands the handler a file path in the file's own mode, or a `RefusedUpload` saying why a file cannot be read."
     box = gr.Image(type="filepath", image_mode=None, **kw)
@@ -573,7 +592,7 @@ def _inline(n_outputs: int):
 DEFAULT_PROMPTS = (CAPTION_PROMPT, "is there a circle in the image ?", "is there a square in the image ?",
                    "how many objects are there ?", "what colour is the triangle ?", "where is the diamond ?")
 
-# %% ../nbs/13_demo.ipynb 36
+# %% ../nbs/13_demo.ipynb 38
 def build_app(left=None, # None: the course's base model; or a course model's name, a checkpoint folder, a Hub id, a (model, processor) pair
               right=None, # None: the course's best aligned model; or as `left`
               demo_cfg: DemoConfig = DemoConfig(), # limits and defaults
@@ -616,6 +635,9 @@ def build_app(left=None, # None: the course's base model; or a course model's na
 
     @_inline(3)
     def on_ask(image, truth, prompt, choice, progress=gr.Progress(track_tqdm=True)): return sbs.ask(image, truth, prompt, choice)
+
+    @_inline(3)
+    def on_ground(image, truth, choice, progress=gr.Progress(track_tqdm=True)): return ground_both(sbs, image, truth, choice)
 
     @_inline(2)
     def on_probe(image, truth, choice, progress=gr.Progress(track_tqdm=True)): return sbs.probe(image, truth, choice)
@@ -695,6 +717,16 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                             batch_msg = gr.HTML(elem_id="batch-msg")
                         batch_table = gr.Dataframe(label="metrics (one row each; values rounded to 3 places)", interactive=False, wrap=True, elem_id="batch-table")
                         batch_plot = gr.Plot(label="metrics", elem_id="batch-plot")
+                    with gr.Tab("Ground", id="ground"):
+                        gr.Markdown("Each model's caption, with every colour and shape word drawn where the model places it: "
+                                    "only a model with a point head (PixelLLM's, `10_pixelllm`) gives words a place.")
+                        with gr.Row():
+                            ground_btn = gr.Button("Ground both captions", variant="primary", elem_id="ground")
+                            ground_msg = gr.HTML(elem_id="ground-msg")
+                        with gr.Row():
+                            ground_l = gr.Image(label=names["left"], interactive=False, elem_id="ground-left")
+                            ground_r = gr.Image(label=names["right"], interactive=False, elem_id="ground-right")
+                        ground_md = gr.Markdown(elem_id="ground-summary")
                     with gr.Tab("Models", id="models") as models_tab:
                         gr.Markdown("Choose the model on each side. The choice is yours only: other visitors keep theirs. "
                                     "The models on offer:\n\n" + "\n".join(f"- **{md_escape(o.name)}**: {md_escape(o.what)}" for o in sbs.menu.offers().values())
@@ -723,6 +755,7 @@ def build_app(left=None, # None: the course's base model; or a course model's na
             ev(lambda: (None, truth_markdown(None), None, None, "", ""), None, [truth, truth_md, out_l, out_r, verdict_md, scene_msg], api_visibility="private")
         ask_btn.click(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_name="ask")
         prompt.submit(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_visibility="private")
+        ground_btn.click(on_ground, [image, truth, choice], [ground_l, ground_r, ground_md, ground_msg], api_name="ground")
         probe_btn.click(on_probe, [image, truth, choice], [probe_table, probe_md, probe_msg], api_name="probe")
         batch_btn.click(on_batch, [b_n, b_seed, b_kind, b_split, choice], [batch_table, batch_plot, batch_msg], api_name="batch")
         models_tab.select(lambda c: sbs.status(c), choice, status, api_visibility="private")  # loaded since the page opened?
@@ -730,7 +763,7 @@ def build_app(left=None, # None: the course's base model; or a course model's na
         use_r.click(on_choose("right"), [dd_r, choice], [choice, status, out_r, msg_r], api_name="load_right")
     return app
 
-# %% ../nbs/13_demo.ipynb 38
+# %% ../nbs/13_demo.ipynb 40
 def launch_app(app: gr.Blocks, # from `build_app`
                host: str = "127.0.0.1", # the address to bind: this machine only, by default
                port: int = None, # the port; None lets Gradio pick (7860 or the next free one)
