@@ -27,6 +27,7 @@ fi
 
 # 2. The tests, with no network at all: a download from the Hub fails loudly instead of passing by luck.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+export HF_HUB_DISABLE_PROGRESS_BARS=1  # transformers' own bars (loading and writing weights) stay out of the log
 export VLMCOURSE_CACHE="${VLMCOURSE_CACHE:-$(mktemp -d)/vlmcourse-cache}"
 netless() {
   if [ "$(id -u)" = 0 ]; then unshare -n bash -c 'ip link set lo up; "$@"' _ "$@"
@@ -38,7 +39,7 @@ echo "base model trained in $(( $(date +%s) - t1 )) s"
 t2=$(date +%s)
 # One torch thread per process: two notebooks on two cores. More threads than cores make OpenMP spin-wait ~100x slower.
 export OMP_NUM_THREADS=1
-netless nbdev_test --n_workers 2
+netless nbdev_test --n_workers 2 --timing  # each notebook's seconds, so the slow ones are seen
 echo "nbdev_test took $(( $(date +%s) - t2 )) s"
 netless python -m pytest tests -q -p no:cacheprovider
 echo "tests/run.sh took $(( $(date +%s) - t0 )) s in all"
