@@ -114,3 +114,20 @@ def test_real_models_exercises():
     replies = ["No, there is not.", "Yes.", "Not at all", "No!", "no-one is there", "There is a no entry sign. Yes.", "yes, a circle", "nope"]
     assert check(S.pope_strict, [(r,) for r in replies], lambda r: pope_answer(r, strict=True))
     assert check(S.plural_of, [(w,) for w in ("circle", "cross", "box", "bench")], lambda w: plural(w))
+
+
+def test_lavit_exercises():
+    from transformers import CLIPVisionModel
+    from vlmcourse.clip import vision_config
+    from vlmcourse.lavit import DynamicVisualTokenizer, LavitProcessor, VisualTokenizerConfig, add_code_tokens, codebook_usage
+    from vlmcourse.world import build_tokenizer
+    assert check(S.perplexity_of, [([0, 1, 2, 3], 4), ([5, 5, 5], 8), ([0, 0, 1, -1, 2, -1], 3)],
+                 lambda ids, K: codebook_usage(torch.tensor(ids), K)["perplexity"])
+    cfg = VisualTokenizerConfig(codebook_size=16)
+    tok = build_tokenizer(WorldConfig())
+    add_code_tokens(tok, 16)
+    proc = LavitProcessor(CLIPVisionModel(vision_config(cfg.clip.vision)), DynamicVisualTokenizer(cfg), tok)
+    def seq_len(keep, n_text):
+        pre, vis, _ = proc.prompt_ids("q", [0] * int(sum(keep)))
+        return len(pre) - 2 + len(vis) + n_text  # 'user :' belongs to the text
+    assert check(S.sequence_length, [([1, 0, 1, 1], 10), ([0] * 15 + [1], 3), ([1] * 16, 0)], seq_len)
