@@ -7,7 +7,7 @@
 A run trains the visual tokenizer (its seed) and the LM from the base recipe's text stage of the same seed, on that
 seed's stage-2 examples and steps (the base model of that seed was aligned on the same ones: nbs/results/base_seeds.csv),
 measures kept tokens against objects on 600 held-out scenes, and `hallucination.base_figures` on 200 scenes of each kind
-at the evaluation seed, as the base model's table was measured. Each run writes one JSON file under nbs/results/lavit_runs/.
+at the evaluation seed, as the base model's table was measured. Each run writes one JSON file under the course's cache folder (lavit-bench-runs/).
 """
 import argparse, json, os, time
 from dataclasses import replace
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlmcourse.cache import cache_dir
 from vlmcourse.world import render, sample_scenes
 from vlmcourse.llava import BaseTrainConfig
 from vlmcourse.hallucination import base_figures
@@ -25,7 +26,7 @@ from vlmcourse.lavit import (LavitConfig, VisualTokenizerConfig, answerer, objec
                              train_visual_tokenizer, vision_tower)
 
 RESULTS = Path(__file__).resolve().parents[1] / "nbs" / "results"
-RUNS = RESULTS / "lavit_runs"
+RUNS = cache_dir() / "lavit-bench-runs"  # one JSON per run, outside the repository
 
 def run(seed: int, threads: int, n: int):
     torch.set_num_threads(threads)

@@ -420,7 +420,7 @@ def answerer(model, processor: LavitProcessor, **generate_kw):
     def answer(images: list, questions: list) -> list: return generate(model, processor, images, questions, **generate_kw)
     return answer
 
-# %% ../nbs/11_lavit.ipynb 53
+# %% ../nbs/11_lavit.ipynb 57
 def _tokenizer_config(d: dict) -> VisualTokenizerConfig:
     "A VisualTokenizerConfig from its JSON (lists back to tuples)."
     tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v
@@ -457,12 +457,20 @@ def visual_tokenizer_path(cfg: VisualTokenizerConfig = VisualTokenizerConfig(), 
 def save_lavit(model, processor: LavitProcessor, path, history: dict = None) -> Path:
     "Save the LM with its tokenizer (lm/), the frozen tower (tower/) and the visual tokenizer (visual/) to `path`, atomically."
     def write(folder):
-        model.save_pretrained(folder / "lm")
-        processor.tokenizer.save_pretrained(folder / "lm")
-        processor.tower.save_pretrained(folder / "tower")
-        save_visual_tokenizer(processor.visual_tokenizer, folder / "visual")
-        if history is not None: (folder / "history.json").write_text(json.dumps(history))
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try: _write_lavit(model, processor, folder, history)
+        finally:
+            if bars: hf_logging.enable_progress_bar()
     return write_atomically(path, write)
+
+def _write_lavit(model, processor, folder, history):
+    "save_lavit's files, into an empty folder."
+    model.save_pretrained(folder / "lm")
+    processor.tokenizer.save_pretrained(folder / "lm")
+    processor.tower.save_pretrained(folder / "tower")
+    save_visual_tokenizer(processor.visual_tokenizer, folder / "visual")
+    if history is not None: (folder / "history.json").write_text(json.dumps(history))
 
 def load_lavit(path, # a folder written by `save_lavit`
                device: str = None, # default: 'cuda' when there is a GPU, else 'cpu'
@@ -470,14 +478,17 @@ def load_lavit(path, # a folder written by `save_lavit`
     "(model, processor) from a folder written by `save_lavit`, with a clear error when it is missing or broken."
     p = Path(path).expanduser()
     if not (p / "lm" / "config.json").exists(): raise ValueError(f"no LaVIT checkpoint at {p} (no lm/config.json): train one with `lavit_vlm_path()` or write one with `save_lavit`")
-    prev = hf_logging.get_verbosity()
+    prev, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         model = LlamaForCausalLM.from_pretrained(p / "lm")
         tok = AutoTokenizer.from_pretrained(p / "lm")
         tower = CLIPVisionModel.from_pretrained(p / "tower")
     except Exception as e: raise ValueError(f"the LaVIT checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and train it again") from None
-    finally: hf_logging.set_verbosity(prev)
+    finally:
+        hf_logging.set_verbosity(prev)
+        if bars: hf_logging.enable_progress_bar()
     device = device or default_device()
     return model.to(device).eval(), LavitProcessor(tower.requires_grad_(False), load_visual_tokenizer(p / "visual"), tok)
 
