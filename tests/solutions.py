@@ -165,3 +165,15 @@ def group_advantage(rewards):
     import statistics
     m, sd = statistics.mean(rewards), statistics.stdev(rewards)
     return [(r - m) / (sd + 1e-4) for r in rewards]
+
+
+# 11_lavit
+def perplexity_of(ids, K):
+    import math
+    ids = [i for i in ids if i >= 0]
+    counts = [ids.count(k) for k in range(K)]
+    return math.exp(-sum(c / len(ids) * math.log(c / len(ids)) for c in counts if c))
+
+
+def sequence_length(keep, n_text):
+    return 1 + sum(keep) + n_text  # <image>, one code per kept patch, the text

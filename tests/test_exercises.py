@@ -135,3 +135,20 @@ def test_rl_exercises():
                                     ([], ["circle"], 0.5, 1.0), (["square", "square", "diamond"], ["circle"], 0.0, 2.0)], exported)
     assert check(S.group_advantage, [([1.0, 0.0, 0.0, 1.0],), ([0.5, 0.5, 0.5],), ([-2.0, 1.0, 1.5, 0.0, 1.0, 1.0, -1.0, 0.5],)],
                  lambda r: group_advantages(r, len(r)).tolist(), tol=1e-5)
+
+
+def test_lavit_exercises():
+    from transformers import CLIPVisionModel
+    from vlmcourse.clip import vision_config
+    from vlmcourse.lavit import DynamicVisualTokenizer, LavitProcessor, VisualTokenizerConfig, add_code_tokens, codebook_usage
+    from vlmcourse.world import build_tokenizer
+    assert check(S.perplexity_of, [([0, 1, 2, 3], 4), ([5, 5, 5], 8), ([0, 0, 1, -1, 2, -1], 3)],
+                 lambda ids, K: codebook_usage(torch.tensor(ids), K)["perplexity"])
+    cfg = VisualTokenizerConfig(codebook_size=16)
+    tok = build_tokenizer(WorldConfig())
+    add_code_tokens(tok, 16)
+    proc = LavitProcessor(CLIPVisionModel(vision_config(cfg.clip.vision)), DynamicVisualTokenizer(cfg), tok)
+    def seq_len(keep, n_text):
+        pre, vis, _ = proc.prompt_ids("q", [0] * int(sum(keep)))
+        return len(pre) - 2 + len(vis) + n_text  # 'user :' belongs to the text
+    assert check(S.sequence_length, [([1, 0, 1, 1], 10), ([0] * 15 + [1], 3), ([1] * 16, 0)], seq_len)
