@@ -1,6 +1,6 @@
 """LaVIT's tokenizer and LM at the base model's alignment budget (11_lavit), one run per call, then the tables the notebook reads.
 
-    for s in 0 1 2 3 4; do /work/tools/cpu1 python bench/lavit_experiment.py run --seed $s; done
+    for s in 0 1 2 3 4; do OMP_NUM_THREADS=1 python bench/lavit_experiment.py run --seed $s; done
     python bench/lavit_experiment.py run --seed 0 --threads 2
     python bench/lavit_experiment.py collect      # -> nbs/results/lavit_seeds.csv, lavit_tokenizer.csv
 

@@ -4,8 +4,8 @@ them all and write nbs/results/pixelllm_seeds.csv and pixelllm_hallucinated.csv,
 One run per call, so that a shared machine's CPU slot is released between runs:
 
     for s in 0 1 2 3 4; do for w in 0 0.1 1; do
-      /work/tools/cpu1 python bench/pixelllm_experiment.py train --seed $s --weight $w; done; done
-    /work/tools/cpu1 python bench/pixelllm_experiment.py evaluate --weights 0,0.1,1
+      OMP_NUM_THREADS=1 python bench/pixelllm_experiment.py train --seed $s --weight $w; done; done
+    OMP_NUM_THREADS=1 python bench/pixelllm_experiment.py evaluate --weights 0,0.1,1
 
 (lambda = 1 is the lesson's recipe, 0 the control with the same budget, 0.1 PixelLLM's weight.)
 """
