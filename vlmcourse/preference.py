@@ -194,7 +194,7 @@ def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. 
             + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1 else "one seed: no test")))
     return out
 
-# %% ../nbs/07_preference.ipynb 47
+# %% ../nbs/07_preference.ipynb 50
 def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the base model's row (run 'base')
               within: float = 0.01, # how far below the base model's typical exact a run may fall
               prefix: str = "", # consider only runs whose name starts with this (e.g. 'DPO + SFT'); all by default
@@ -207,7 +207,7 @@ def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the
     if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps typical exact within {within} of the base model's")
     return ok["counter/chair_s"].idxmin()
 
-# %% ../nbs/07_preference.ipynb 50
+# %% ../nbs/07_preference.ipynb 53
 def goal_check(df: pd.DataFrame, run: str) -> dict:
     "The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to the oracle closed."
     m, b = df[df.run == run].mean(numeric_only=True), df[df.run == "base"].iloc[0]
@@ -216,7 +216,7 @@ def goal_check(df: pd.DataFrame, run: str) -> dict:
             "gap closed": round(m["gap closed, counter CHAIR_s"], 3),
             "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9 and m["gap closed, counter CHAIR_s"] >= 0.75)}
 
-# %% ../nbs/07_preference.ipynb 54
+# %% ../nbs/07_preference.ipynb 57
 SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
                  "pope_adversarial/accuracy", "pope_adversarial/f1", "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
 
@@ -247,7 +247,7 @@ def write_section(path, # a text file, e.g. README.md
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/07_preference.ipynb 59
+# %% ../nbs/07_preference.ipynb 62
 BEST_ALIGNMENT = counter_frac_runs((0.5,))["DPO + SFT, BPO contrastive, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
