@@ -5,7 +5,7 @@
 # %% ../nbs/08_cal.ipynb 3
 from __future__ import annotations
 import copy, json, math, time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

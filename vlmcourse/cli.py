@@ -5,7 +5,6 @@
 # %% ../nbs/99_cli.ipynb 3
 from __future__ import annotations
 import argparse, json, sys, time
-from pathlib import Path
 
 # %% auto 0
 __all__ = ['build_parser', 'format_table', 'main']

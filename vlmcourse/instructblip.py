@@ -4,21 +4,19 @@
 
 # %% ../nbs/04_instructblip.ipynb 3
 from __future__ import annotations
-import json, math, random, re, time
+import math, random, re, time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
 from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, InstructBlipQFormerConfig,
                           InstructBlipVisionConfig)
 
 from .cache import cached_artifact
 from .registry import ModelEntry, register
-from .world import CAPTION_PROMPT, NUMBER_WORDS, Scene, ShapeObject, WorldConfig, build_tokenizer, caption, presence_question, render, sample_scenes
+from .world import CAPTION_PROMPT, NUMBER_WORDS, Scene, ShapeObject, WorldConfig, build_tokenizer, caption, render, sample_scenes
 from .clip import ClipTrainConfig, VisionTowerConfig, clip_vision_state_dict, image_processor, to_rgb
 from .llava import (BaseTrainConfig, check_texts, load_vlm, pack_examples, save_vlm, text_prompt, text_stage_vlm,
                              train_loop, training_key)
@@ -100,7 +98,7 @@ def build_instructblip(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base rec
     model = InstructBlipForConditionalGeneration(config)
     with torch.no_grad(): model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)  # LAVIS's init; transformers zeros them, which makes every query the same forever
     vis, _ = clip_to_blip_vision(clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, vision=mcfg.vision)))
-    missing = model.vision_model.load_state_dict(vis, strict=True)
+    model.vision_model.load_state_dict(vis, strict=True)
     model.language_model.model.load_state_dict(llava.model.language_model.state_dict(), strict=True)
     model.language_model.lm_head.load_state_dict(llava.lm_head.state_dict(), strict=True)
     tok = proc.tokenizer

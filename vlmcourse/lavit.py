@@ -5,7 +5,7 @@
 # %% ../nbs/11_lavit.ipynb 3
 from __future__ import annotations
 import json, math, time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,7 @@
 # %% ../nbs/02_llava.ipynb 3
 from __future__ import annotations
 import json, math, os, random, tempfile, time
-from dataclasses import dataclass, field, asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

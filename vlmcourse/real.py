@@ -5,7 +5,7 @@
 # %% ../nbs/14_real_models.ipynb 3
 from __future__ import annotations
 import json, os, random, tempfile
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

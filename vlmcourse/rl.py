@@ -5,7 +5,7 @@
 # %% ../nbs/12_rl.ipynb 3
 from __future__ import annotations
 import json, math, random, re, tempfile, time
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

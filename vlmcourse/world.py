@@ -8,8 +8,7 @@ import json, random, re
 from collections import Counter
 from functools import lru_cache
 from typing import NamedTuple
-from dataclasses import dataclass, field, asdict, replace
-from itertools import combinations
+from dataclasses import dataclass, asdict, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
