@@ -112,12 +112,15 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "nbs" / "results" / "counter_frac_sweep.csv"
 
 
-def test_readme_results_are_the_sweep_as_written_by_code():
+def test_readme_and_landing_page_results_are_the_sweep_as_written_by_code():
+    import json
     import pandas as pd
     from vlmcourse.preference import sweep_markdown
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("<!-- results -->", 1)[1].split("<!-- /results -->", 1)[0]
-    assert section.strip() == sweep_markdown(pd.read_csv(SWEEP)).strip(), "README's results differ from the sweep: run 07_preference (or write_section) again"
+    want = sweep_markdown(pd.read_csv(SWEEP)).strip()
+    index = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"] if c["cell_type"] == "markdown")
+    for page, text in (("README.md", (ROOT / "README.md").read_text()), ("nbs/index.ipynb", index)):
+        section = text.split("<!-- results -->", 1)[1].split("<!-- /results -->", 1)[0]
+        assert section.strip() == want, f"{page}'s results differ from the sweep: run 07_preference (or write_section) again"
 
 
 def test_the_rule_picks_the_served_model_from_the_committed_sweep():
@@ -154,3 +157,18 @@ def test_write_section_replaces_between_markers_and_refuses_without_them(tmp_pat
     with pytest.raises(ValueError, match="markers"):
         write_section(f, "results", "x")
     assert f.read_text() == "no markers here\n" and [p.name for p in tmp_path.iterdir()] == ["R.md"]  # untouched, no stray file
+
+
+def test_write_section_in_a_notebook_writes_the_markdown_cell(tmp_path):
+    import json
+    from vlmcourse.preference import write_section
+    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": ["x = 1"], "outputs": [], "execution_count": None},
+                    {"cell_type": "markdown", "metadata": {}, "source": ["## R\n", "<!-- results -->\n", "old\n", "<!-- /results -->"]}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    f = tmp_path / "i.ipynb"
+    f.write_text(json.dumps(nb))
+    write_section(f, "results", "| a |")
+    cells = json.loads(f.read_text())["cells"]
+    assert "".join(cells[1]["source"]) == "## R\n<!-- results -->\n| a |\n<!-- /results -->" and cells[0]["source"] == ["x = 1"]
+    with pytest.raises(ValueError, match="markdown cell"):
+        write_section(f, "other", "x")

@@ -236,12 +236,20 @@ def write_section(path, # a text file, e.g. README.md
                   name: str, # the section's markers are `<!-- name -->` and `<!-- /name -->`
                   text: str, # what goes between them
                  ) -> Path:
-    "Replace what lies between a file's `<!-- name -->` and `<!-- /name -->` markers with `text`, writing the file whole or not at all."
+    "Replace what lies between a file's `<!-- name -->` and `<!-- /name -->` markers with `text` (in a notebook: in the markdown cell holding them), writing the file whole or not at all."
     path = Path(path)
-    s, start, end = path.read_text(), f"<!-- {name} -->", f"<!-- /{name} -->"
-    if s.count(start) != 1 or s.count(end) != 1 or s.index(start) > s.index(end):
-        raise ValueError(f"{path} must hold {start} once and then {end} once around the section to write; add the markers")
-    new = s[:s.index(start) + len(start)] + "\n" + text.strip("\n") + "\n" + s[s.index(end):]
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    def put(s):
+        if s.count(start) != 1 or s.count(end) != 1 or s.index(start) > s.index(end):
+            raise ValueError(f"{path} must hold {start} once and then {end} once around the section to write; add the markers")
+        return s[:s.index(start) + len(start)] + "\n" + text.strip("\n") + "\n" + s[s.index(end):]
+    if path.suffix == ".ipynb":
+        nb = json.loads(path.read_text())
+        cells = [c for c in nb["cells"] if c["cell_type"] == "markdown" and start in "".join(c["source"])]
+        if len(cells) != 1: raise ValueError(f"{path} must hold {start} in exactly one markdown cell; add the markers")
+        cells[0]["source"] = put("".join(cells[0]["source"])).splitlines(keepends=True)
+        new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    else: new = put(path.read_text())
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(new)
     os.replace(tmp, path)
