@@ -123,12 +123,16 @@ def results_table(rows: list, # one dict per run and seed: `run`, `seed` and fig
     out.insert(0, ("", "seeds"), g.size().reindex(order))
     return out
 
-def results_markdown(table: pd.DataFrame, metrics: list = None) -> str:
-    "The table as markdown: 'mean ± std' per metric (a run with one seed, like the base model, has a single value)."
-    metrics = metrics or [c for c in METRICS if ("mean", c) in table]
-    lines = ["| run | seeds | " + " | ".join(METRICS.get(m, m) for m in metrics) + " |", "| --- " * (len(metrics) + 2) + "|"]
+def results_markdown(table: pd.DataFrame, # from `results_table`
+                     metrics: list = None, # its columns to show (default: every one of METRICS it has)
+                     labels: dict = None, # column headers by metric (default: METRICS; a metric without one shows its key)
+                    ) -> str:
+    "The table as markdown: 'mean ± std' per metric (a run with one seed, like the base model, has a single value; a missing one shows '-')."
+    metrics, labels = metrics or [c for c in METRICS if ("mean", c) in table], labels or METRICS
+    lines = ["| run | seeds | " + " | ".join(labels.get(m, m) for m in metrics) + " |", "| --- " * (len(metrics) + 2) + "|"]
     for run, r in table.iterrows():
-        cells = [f"{r[('mean', m)] + 0.0:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "") for m in metrics]  # + 0.0: no '-0.000'
+        cells = ["-" if pd.isna(r[("mean", m)]) else f"{r[('mean', m)] + 0.0:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "")
+                 for m in metrics]  # + 0.0: no '-0.000'
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
