@@ -14,7 +14,7 @@ import pandas as pd
 
 from vlmcourse.hallucination import hallucination_report
 from vlmcourse.llava import answerer, oracle_vlm
-from vlmcourse.preference import SWEEP_KINDS, counter_frac_runs, pick_best, run_sweep, sweep_markdown
+from vlmcourse.preference import SWEEP_KINDS, add_gap_closed, counter_frac_runs, pick_best, run_sweep, sweep_markdown
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -36,10 +36,7 @@ for f in a.also:  # other runs or seeds; the base model, the oracle and any (run
     df = pd.concat([df, old[[r not in ("base", "oracle") and (r, s) not in done for r, s in zip(old.run, old.seed)]]], ignore_index=True)
 order = ["base"] + list(counter_frac_runs(sorted({float(r.rpartition(" ")[2]) for r in df.run if ", counter " in r}), a.n_pairs)) + ["oracle"]
 df = df.sort_values("run", key=lambda col: col.map(order.index), kind="stable").reset_index(drop=True)  # the course's order of runs
-base, orc = df[df.run == "base"].iloc[0], df[df.run == "oracle"].iloc[0]
-for col, name in (("counter/chair_s", "gap closed, counter CHAIR_s"), ("pope_adversarial/accuracy", "gap closed, POPE adversarial acc")):
-    gap = orc[col] - base[col]
-    df[name] = (df[col] - base[col]) / gap if abs(gap) > 1e-9 else float("nan")
+df = add_gap_closed(df)
 print(sweep_markdown(df))  # the table, Welch's tests and the rule's best run, as 07_preference writes them into the README
 print("the best DPO + SFT run:", pick_best(df, prefix="DPO + SFT"))
 if a.write: df.to_csv(a.write, index=False)

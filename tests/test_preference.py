@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -172,3 +173,14 @@ def test_write_section_in_a_notebook_writes_the_markdown_cell(tmp_path):
     assert "".join(cells[1]["source"]) == "## R\n<!-- results -->\n| a |\n<!-- /results -->" and cells[0]["source"] == ["x = 1"]
     with pytest.raises(ValueError, match="markdown cell"):
         write_section(f, "other", "x")
+
+
+def test_add_gap_closed_measures_against_base_and_oracle():
+    from vlmcourse.preference import add_gap_closed
+    df = pd.DataFrame(dict(run=["base", "a", "b", "oracle"], **{"counter/chair_s": [0.5, 0.25, 0.5, 0.0], "pope_adversarial/accuracy": [0.6, 0.8, 1.0, 1.0]}))
+    out = add_gap_closed(df)
+    assert list(out["gap closed, counter CHAIR_s"]) == pytest.approx([0, 0.5, 0, 1])
+    assert list(out["gap closed, POPE adversarial acc"]) == pytest.approx([0, 0.5, 1, 1])
+    assert "gap closed, counter CHAIR_s" not in df  # the input is left as it was
+    with pytest.raises(ValueError, match="oracle"):
+        add_gap_closed(df[df.run != "oracle"])

@@ -198,6 +198,27 @@ def test_coco_chair(tmp_path):
         chair_coco([{"image_id": 7, "caption": "a dog"}], tmp_path / "instances.json")
 
 
+# COCO's 80 instance categories, as named in instances_val2014.json
+COCO_80 = """person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign parking_meter bench bird cat
+dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat
+baseball_glove skateboard surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot
+hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard cell_phone microwave oven toaster
+sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush""".split()
+COCO_80 = [w.replace("_", " ") for w in COCO_80]
+
+
+def test_chair_synonyms_are_chairs_published_rules():
+    from vlmcourse.real import COCO_SYNONYMS, coco_synonym_table
+    assert sorted(COCO_SYNONYMS) == sorted(COCO_80) and len(COCO_80) == 80
+    table = coco_synonym_table()
+    assert table["men"] == table["women"] == table["children"] == table["people"] == "person"
+    assert table["remote control"] == "remote" and "remote" not in table  # CHAIR counts "remote control" only
+    assert "orange" not in table and COCO_SYNONYMS["orange"] == []  # CHAIR has no line for orange, a colour too
+    assert coco_mentions("A toilet seat and a stool.") == ["toilet", "chair"]  # "seat" alone would be a chair
+    assert coco_mentions("A passenger jet above the train track, then baby animals.") == ["airplane"]
+    assert coco_mentions("an adult zebra and a man in a bow tie") == ["zebra", "person", "tie"]
+
+
 # --- vlmcourse align ----------------------------------------------------------------------------------------------
 
 def test_align_command_on_tiny_llava(tmp_path):

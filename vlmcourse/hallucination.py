@@ -145,8 +145,9 @@ def hallucination_report(answer, # answer(images, questions) -> replies
                          n: int = 200, # scenes of each kind
                          seed: int = EVAL_SEED, # the evaluation scenes
                         ) -> dict:
-    """CHAIR on `n` typical and `n` counter-prior scenes, POPE's three splits on the counter-prior ones: a flat dict
-    with keys '{typical,counter}/{chair_s,chair_i,exact,recall}' and 'pope_{random,popular,adversarial}/{accuracy,...}'."""
+    """CHAIR on `n` typical and `n` counter-prior scenes, POPE's three splits on both kinds: a flat dict with keys
+    '{typical,counter}/{chair_s,chair_i,exact,recall}', 'pope_{random,popular,adversarial}/{accuracy,...}' (counter-prior
+    scenes, where the prior misleads) and 'typical_pope_{split}/...' (typical scenes: what alignment must not cost)."""
     _check_answer(answer)
     if n < 1: raise ValueError(f"n must be at least 1, got {n}")
     scenes = {kind: sample_scenes(wcfg, n, seed=seed, kind=kind) for kind in ("typical", "counter")}
@@ -154,9 +155,10 @@ def hallucination_report(answer, # answer(images, questions) -> replies
     for kind, scs in scenes.items():
         r = evaluate_captions(answer, scs, wcfg)
         report |= {f"{kind}/{k}": r[k] for k in ("chair_s", "chair_i", "exact", "recall")}
-    for split in POPE_SPLITS:
-        r = evaluate_pope(answer, scenes["counter"], wcfg, split)
-        report |= {f"pope_{split}/{k}": r[k] for k in POPE_METRICS}
+    for kind, prefix in (("counter", "pope_"), ("typical", "typical_pope_")):
+        for split in POPE_SPLITS:
+            r = evaluate_pope(answer, scenes[kind], wcfg, split)
+            report |= {f"{prefix}{split}/{k}": r[k] for k in POPE_METRICS}
     return report
 
 # %% ../nbs/03_hallucination.ipynb 40

@@ -21,9 +21,10 @@ from .pairs import PAIR_SOURCES, PairConfig, build_pairs
 from .hallucination import EVAL_SEED, hallucination_report
 
 # %% auto 0
-__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train', 'align',
-           'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch', 'counter_frac_runs', 'sweep_tests',
-           'pick_best', 'goal_check', 'sweep_markdown', 'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
+__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'GAP_METRICS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train',
+           'align', 'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch', 'counter_frac_runs',
+           'sweep_tests', 'pick_best', 'add_gap_closed', 'goal_check', 'sweep_markdown', 'write_section',
+           'best_aligned_vlm_path', 'best_aligned_vlm']
 
 # %% ../nbs/07_preference.ipynb 7
 OBJECTIVES = ("sft", "dpo")
@@ -212,6 +213,20 @@ def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the
     return ok["counter/chair_s"].idxmin()
 
 # %% ../nbs/07_preference.ipynb 53
+GAP_METRICS = {"counter/chair_s": "gap closed, counter CHAIR_s", "pope_adversarial/accuracy": "gap closed, POPE adversarial acc"}
+
+def add_gap_closed(df: pd.DataFrame, # runs, with one 'base' row and one 'oracle' row
+                   metrics: dict = GAP_METRICS, # metric -> the column that gets its gap closed
+                  ) -> pd.DataFrame:
+    "`df` with the share of the base-to-oracle gap each row closes on each metric, (row - base) / (oracle - base); NaN where there is no gap."
+    df = df.copy()
+    for col, name in metrics.items():
+        ends = [df.loc[df.run == r, col] for r in ("base", "oracle")]
+        if any(len(e) != 1 for e in ends): raise ValueError(f"the gap closed needs exactly one 'base' row and one 'oracle' row with {col!r}")
+        base, gap = ends[0].item(), ends[1].item() - ends[0].item()
+        df[name] = (df[col] - base) / gap if abs(gap) > 1e-9 else float("nan")
+    return df
+
 def goal_check(df: pd.DataFrame, run: str) -> dict:
     "The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to the oracle closed."
     m, b = df[df.run == run].mean(numeric_only=True), df[df.run == "base"].iloc[0]

@@ -16,10 +16,11 @@ from .llava import load_vlm, save_vlm
 
 # %% auto 0
 __all__ = ['ARCHS', 'HUB_IDS', 'LLAVA_TEMPLATE', 'QWEN2_VL_TEMPLATE', 'IDEFICS3_TEMPLATE', 'VICUNA_TEMPLATE', 'CHAT_TEMPLATES',
-           'SPECIALS', 'COCO_SYNONYMS', 'TinyVLMConfig', 'world_corpus', 'tiny_tokenizer', 'tiny_processor',
-           'qformer_tokenizer', 'tiny_model_config', 'build_tiny_vlm', 'save_tiny_vlm', 'tiny_vlm', 'can_reach_hub',
-           'with_chat_template', 'read_jsonl', 'read_pope_questions', 'score_pope_files', 'answer_pope_file',
-           'coco_synonym_table', 'coco_mentions', 'coco_truths', 'chair_coco', 'AlignConfig', 'load_pairs', 'align']
+           'SPECIALS', 'CHAIR_SYNONYMS_TXT', 'CHAIR_PHRASES', 'COCO_SYNONYMS', 'TinyVLMConfig', 'world_corpus',
+           'tiny_tokenizer', 'tiny_processor', 'qformer_tokenizer', 'tiny_model_config', 'build_tiny_vlm',
+           'save_tiny_vlm', 'tiny_vlm', 'can_reach_hub', 'with_chat_template', 'read_jsonl', 'read_pope_questions',
+           'score_pope_files', 'answer_pope_file', 'coco_synonym_table', 'coco_mentions', 'coco_truths', 'chair_coco',
+           'AlignConfig', 'load_pairs', 'align']
 
 # %% ../nbs/14_real_models.ipynb 6
 ARCHS = ("llava", "qwen2_vl", "idefics3", "instructblip")  # the real families `tiny_vlm` builds
@@ -265,71 +266,147 @@ def answer_pope_file(answer, # answer(images, questions) -> replies, e.g. `answe
     return Path(answers_path)
 
 # %% ../nbs/14_real_models.ipynb 32
-# CHAIR's synonyms for the 80 COCO categories (Rohrbach et al. 2018, after their synonyms.txt): category -> words that name it.
-# Plurals are added by `coco_synonym_table`; two-word names are matched before their last word ("hot dog" is not a dog).
-COCO_SYNONYMS = {
-    "person": ["person", "girl", "boy", "man", "woman", "kid", "child", "chef", "baker", "people", "adult", "rider", "children", "baby",
-               "worker", "passenger", "sister", "biker", "policeman", "cop", "officer", "lady", "cowboy", "bride", "groom", "male", "female",
-               "guy", "traveler", "mother", "father", "gentleman", "pitcher", "player", "skier", "snowboarder", "skater", "skateboarder",
-               "surfer", "batter", "catcher", "umpire", "tourist", "student", "toddler", "teenager", "men", "women", "friend", "couple"],
-    "bicycle": ["bicycle", "bike", "unicycle", "minibike", "trike"], "car": ["car", "automobile", "van", "minivan", "sedan", "suv", "hatchback", "cab", "jeep", "coupe", "taxicab", "limo", "taxi"],
-    "motorcycle": ["motorcycle", "motor bike", "motor cycle", "motorbike", "scooter", "moped"], "airplane": ["airplane", "jetliner", "plane", "air plane", "monoplane", "aircraft", "jet", "airbus", "biplane", "seaplane"],
-    "bus": ["bus", "minibus", "trolley"], "train": ["train", "locomotive", "tramway", "caboose"], "truck": ["truck", "pickup", "lorry", "hauler", "firetruck"],
-    "boat": ["boat", "ship", "liner", "sailboat", "motorboat", "dinghy", "powerboat", "speedboat", "canoe", "skiff", "yacht", "kayak", "catamaran", "pontoon", "houseboat", "vessel", "rowboat", "trawler", "ferry", "watercraft", "tugboat", "schooner", "barge", "ferryboat", "steamboat"],
-    "traffic light": ["traffic light", "traffic signal", "stop light", "streetlight", "traffic lamp"], "fire hydrant": ["fire hydrant", "hydrant"],
-    "stop sign": ["stop sign"], "parking meter": ["parking meter", "meter"], "bench": ["bench", "pew"], "bird": ["bird", "ostrich", "owl", "seagull", "goose", "duck", "parakeet", "falcon", "robin", "pelican", "waterfowl", "heron", "hummingbird", "mallard", "finch", "pigeon", "sparrow", "seabird", "osprey", "blackbird", "fowl", "shorebird", "woodpecker", "egret", "chickadee", "quail", "bluebird", "kingfisher", "buzzard", "willet", "gull", "swan", "bluejay", "flamingo", "cormorant", "parrot", "loon", "gosling", "waterbird", "pheasant", "rooster", "sandpiper", "crow", "raven", "turkey", "oriole", "cowbird", "warbler", "magpie", "peacock", "cockatiel", "lorikeet", "puffin", "vulture", "condor", "macaw", "peafowl", "cockatoo", "songbird"],
-    "cat": ["cat", "kitten", "feline", "tabby"], "dog": ["dog", "puppy", "beagle", "pup", "chihuahua", "schnauzer", "dachshund", "rottweiler", "canine", "pitbull", "collie", "pug", "terrier", "poodle", "labrador", "doggie", "doberman", "mutt", "doggy", "spaniel", "bulldog", "sheepdog", "weimaraner", "corgi", "cocker", "greyhound", "retriever", "brindle", "hound", "whippet", "husky"],
-    "horse": ["horse", "colt", "pony", "racehorse", "stallion", "equine", "mare", "foal", "palomino", "mustang", "clydesdale", "bronc", "bronco"],
-    "sheep": ["sheep", "lamb", "ram", "goat", "ewe"], "cow": ["cow", "cattle", "oxen", "ox", "calf", "holstein", "heifer", "buffalo", "bull", "zebu", "bison"],
-    "elephant": ["elephant"], "bear": ["bear", "grizzly"], "zebra": ["zebra"], "giraffe": ["giraffe"], "backpack": ["backpack", "knapsack"],
-    "umbrella": ["umbrella"], "handbag": ["handbag", "wallet", "purse", "briefcase"], "tie": ["tie", "bow", "bow tie"], "suitcase": ["suitcase", "suit case", "luggage"],
-    "frisbee": ["frisbee"], "skis": ["skis", "ski"], "snowboard": ["snowboard"], "sports ball": ["sports ball", "ball"], "kite": ["kite"],
-    "baseball bat": ["baseball bat"], "baseball glove": ["baseball glove"], "skateboard": ["skateboard"], "surfboard": ["surfboard", "longboard", "skimboard", "shortboard", "wakeboard"],
-    "tennis racket": ["tennis racket", "racket"], "bottle": ["bottle"], "wine glass": ["wine glass"], "cup": ["cup"], "fork": ["fork"], "knife": ["knife", "pocketknife", "knives"],
-    "spoon": ["spoon"], "bowl": ["bowl", "container"], "banana": ["banana"], "apple": ["apple"], "sandwich": ["sandwich", "burger", "sub", "cheeseburger", "hamburger"],
-    "orange": ["orange"], "broccoli": ["broccoli"], "carrot": ["carrot"], "hot dog": ["hot dog"], "pizza": ["pizza"], "donut": ["donut", "doughnut"], "cake": ["cake", "cheesecake", "cupcake", "shortcake", "coffeecake", "pancake"],
-    "chair": ["chair", "seat", "stool"], "couch": ["couch", "sofa", "recliner", "futon", "loveseat", "settee", "chesterfield"], "potted plant": ["potted plant", "houseplant"],
-    "bed": ["bed"], "dining table": ["dining table", "table", "desk"], "toilet": ["toilet", "urinal", "commode", "lavatory", "potty"], "tv": ["tv", "monitor", "televison", "television"],
-    "laptop": ["laptop", "computer", "notebook", "netbook", "lenovo", "macbook", "laptop computer"], "mouse": ["mouse"], "remote": ["remote"], "keyboard": ["keyboard"],
-    "cell phone": ["cell phone", "mobile phone", "phone", "cellphone", "telephone", "phon", "smartphone", "iphone"], "microwave": ["microwave"], "oven": ["oven", "stovetop", "stove", "stove top oven"],
-    "toaster": ["toaster"], "sink": ["sink"], "refrigerator": ["refrigerator", "fridge", "freezer"], "book": ["book", "novel"], "clock": ["clock"], "vase": ["vase"],
-    "scissors": ["scissors"], "teddy bear": ["teddy bear", "teddybear"], "hair drier": ["hair drier", "hairdryer", "hair dryer", "blow dryer", "blowdryer", "blow drier", "dryer"], "toothbrush": ["toothbrush"],
-}
+# CHAIR's synonym list as published with the benchmark (Rohrbach et al. 2018, data/synonyms.txt of LisaAnne/Hallucination):
+# one line per COCO category, its own name or CHAIR's name for it first. Kept verbatim (its repeats and its "televison"
+# included), so that a CHAIR figure here counts the same words as a published one.
+CHAIR_SYNONYMS_TXT = """\
+person, girl, boy, man, woman, kid, child, chef, baker, people, rider, children, worker, sister, brother, biker, policeman, cop,
+ officer, lady, cowboy, bride, groom, male, female, guy, traveler, father, gentleman, pitcher, player, skier, snowboarder, skater,
+ skateboarder, guy, foreigner, child, gentleman, caller, offender, coworker, trespasser, patient, politician, soldier, grandchild,
+ serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper, villager, pedestrian
+bicycle, bike, unicycle, minibike, trike
+car, automobile, van, minivan, sedan, suv, hatchback, cab, jeep, coupe, taxicab, limo, taxi
+motorcycle, scooter, motor bike, motor cycle, motorbike, scooter, moped
+airplane, jetliner, plane, air plane, monoplane, aircraft, jet, jetliner, airbus, biplane, seaplane
+bus, minibus, trolley
+train, locomotive, tramway, caboose
+truck, pickup, lorry, hauler, firetruck
+boat, ship, liner, sailboat, motorboat, dinghy, powerboat, speedboat, canoe, skiff, yacht, kayak, catamaran, pontoon, houseboat,
+ vessel, rowboat, trawler, ferryboat, watercraft, tugboat, schooner, barge, ferry, paddleboat, lifeboat, freighter, steamboat,
+ riverboat, battleship, steamship
+traffic light, street light, traffic signal, stop light, streetlight, stoplight
+fire hydrant, hydrant
+stop sign
+parking meter
+bench, pew
+bird, ostrich, owl, seagull, goose, duck, parakeet, falcon, robin, pelican, waterfowl, heron, hummingbird, mallard, finch, pigeon,
+ sparrow, seabird, osprey, blackbird, fowl, shorebird, woodpecker, egret, chickadee, quail, bluebird, kingfisher, buzzard, willet,
+ gull, swan, bluejay, flamingo, cormorant, parrot, loon, gosling, waterbird, pheasant, rooster, sandpiper, crow, raven, turkey,
+ oriole, cowbird, warbler, magpie, peacock, cockatiel, lorikeet, puffin, vulture, condor, macaw, peafowl, cockatoo, songbird
+cat, kitten, feline, tabby
+dog, puppy, beagle, pup, chihuahua, schnauzer, dachshund, rottweiler, canine, pitbull, collie, pug, terrier, poodle, labrador,
+ doggie, doberman, mutt, doggy, spaniel, bulldog, sheepdog, weimaraner, corgi, cocker, greyhound, retriever, brindle, hound, whippet, husky
+horse, colt, pony, racehorse, stallion, equine, mare, foal, palomino, mustang, clydesdale, bronc, bronco
+sheep, lamb, ram, lamb, goat, ewe
+cow, cattle, oxen, ox, calf, cattle, holstein, heifer, buffalo, bull, zebu, bison
+elephant
+bear, panda
+zebra
+giraffe
+backpack, knapsack
+umbrella
+handbag, wallet, purse, briefcase
+tie, bow, bow tie
+suitcase, suit case, luggage
+frisbee
+skis, ski
+snowboard
+sports ball
+kite
+baseball bat
+baseball glove
+skateboard
+surfboard, longboard, skimboard, shortboard, wakeboard
+tennis racket, racket
+bottle
+wine glass
+cup
+fork
+knife, pocketknife, knive
+spoon
+bowl, container
+banana
+apple
+sandwich, burger, sub, cheeseburger, hamburger
+broccoli
+carrot
+hot dog
+pizza
+donut, doughnut, bagel
+cake, cheesecake, cupcake, shortcake, coffeecake, pancake
+chair, seat, stool
+couch, sofa, recliner, futon, loveseat, settee, chesterfield
+potted plant, houseplant
+bed
+dining table, table, desk, coffee table
+toilet, urinal, commode, toilet, lavatory, potty
+tv, televison, television
+laptop, computer, notebook, netbook, lenovo, macbook, laptop computer
+mouse
+remote control
+keyboard
+cell phone, mobile phone, phone, cellphone, telephone, phon, smartphone, iPhone
+microwave
+oven, stovetop, stove, stove top oven
+toaster
+sink
+refrigerator, fridge, fridge, freezer
+book
+clock
+vase
+scissors
+teddy bear, teddybear
+hair drier, hairdryer
+toothbrush
+"""
+# Where CHAIR's first word is not COCO's category name, and the one category it has no line for: "orange" is also a
+# colour, and CHAIR never counts it. An instances file may still annotate oranges.
+_CHAIR_TO_COCO = {"remote control": "remote"}
+# CHAIR's two-word rules: a qualifier before a word changes what it names ("baby elephant" is an elephant, not a
+# person; "passenger train" a train; "toilet seat" a toilet, not a chair), and two phrases name no COCO object.
+_QUALIFIED = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
+CHAIR_PHRASES = {**{f"{q} {w}": w for q in ("baby", "adult") for w in _QUALIFIED}, "passenger jet": "jet", "passenger train": "train",
+                 "bow tie": "tie", "toilet seat": "toilet", "home plate": None, "train track": None}
+
+def _parse_synonyms(text: str) -> dict:
+    "COCO category -> the words that name it, from CHAIR's synonyms text (continuation lines start with a space)."
+    out = {}
+    for line in text.replace("\n ", " ").splitlines():
+        words = list(dict.fromkeys(w.strip().lower() for w in line.split(",") if w.strip()))
+        out[_CHAIR_TO_COCO.get(words[0], words[0])] = words
+    return out | {"orange": []}
+
+COCO_SYNONYMS = _parse_synonyms(CHAIR_SYNONYMS_TXT)
 _IRREGULAR = {"man": "men", "woman": "women", "child": "children", "person": "people", "knife": "knives", "mouse": "mice", "goose": "geese",
-              "sheep": "sheep", "ox": "oxen", "calf": "calves", "shelf": "shelves", "bus": "buses", "glass": "glasses", "sandwich": "sandwiches",
-              "couch": "couches", "bench": "benches", "toothbrush": "toothbrushes", "skis": "skis", "scissors": "scissors", "box": "boxes", "lady": "ladies", "baby": "babies"}
-_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
+              "sheep": "sheep", "ox": "oxen", "calf": "calves", "bus": "buses", "glass": "glasses", "sandwich": "sandwiches", "couch": "couches",
+              "bench": "benches", "toothbrush": "toothbrushes", "skis": "skis", "scissors": "scissors", "lady": "ladies", "box": "boxes"}
 
 def _plural(word: str) -> str:
     *head, last = word.split(" ")
     return " ".join(head + [_IRREGULAR.get(last, last[:-1] + "ies" if last.endswith("y") and last[-2:-1] not in "aeiou" else last + "s")])
 
 def coco_synonym_table() -> dict:
-    "Every word or phrase CHAIR reads as a COCO category (singular and plural) -> the category."
+    "Every word or phrase CHAIR reads, singular and plural -> its COCO category (None: a phrase that names no COCO object)."
     table = {}
     for cat, words in COCO_SYNONYMS.items():
         for w in words:
             table.setdefault(w, cat)
             table.setdefault(_plural(w), cat)
+    for phrase, word in CHAIR_PHRASES.items():
+        table[phrase] = table[_plural(phrase)] = None if word is None else table.get(word)
     return table
 
 def coco_mentions(caption: str) -> list:
-    "The COCO categories a caption names, in order of first mention: longest phrases first, and 'baby'/'adult' before an animal name the animal, not a person."
+    "The COCO categories a caption names, in order of first mention; the longest phrase at each word wins, as in CHAIR."
     import re
     table = coco_synonym_table()
     words = re.findall(r"[a-z]+", caption.lower())
     found, k = [], 0
     while k < len(words):
-        for n in (3, 2, 1):
-            phrase = " ".join(words[k:k + n])
-            if len(words[k:k + n]) == n and phrase in table:
-                cat = table[phrase]
-                if cat == "person" and n == 1 and phrase in ("baby", "babies", "adult", "adults") and k + 1 < len(words) and table.get(words[k + 1]) in _ANIMALS:
-                    break  # "baby elephant": the next word names the category
-                found.append(cat)
-                k += n - 1
-                break
-        k += 1
+        n = next((n for n in (3, 2, 1) if len(words[k:k + n]) == n and " ".join(words[k:k + n]) in table), 1)
+        cat = table.get(" ".join(words[k:k + n]))
+        if cat is not None: found.append(cat)
+        k += n
     return list(dict.fromkeys(found))
 
 def coco_truths(instances_path) -> dict:
