@@ -132,18 +132,22 @@ def test_the_rule_picks_the_served_model_from_the_committed_sweep():
 
 def _sweep(rows):
     import pandas as pd
-    return pd.DataFrame([dict(run=r, seed=s, **{"counter/chair_s": c, "typical/exact": e}) for r, s, c, e in rows])
+    keys = ("counter/chair_s", "typical/exact", "typical_pope_adversarial/accuracy")
+    return pd.DataFrame([dict(run=r, seed=s, **dict(zip(keys, figs))) for r, s, *figs in rows])
 
 
 def test_pick_best_by_hand():
     from vlmcourse.preference import pick_best
-    df = _sweep([("base", -1, 0.5, 1.0), ("a", 0, 0.01, 0.95), ("a", 1, 0.01, 0.97),  # the lowest CHAIR_s, but 4 points of typical exact lost
-                 ("b", 0, 0.10, 1.0), ("b", 1, 0.06, 0.99), ("c", 0, 0.09, 1.0), ("c", 1, 0.09, 1.0), ("oracle", -1, 0.0, 1.0)])
-    assert pick_best(df) == "b"  # mean 0.08 < c's 0.09, typical exact 0.995 within a point; a is out, the oracle is no run
-    assert pick_best(df, within=0.05) == "a"
+    df = _sweep([("base", -1, 0.5, 1.0, 0.95), ("a", 0, 0.01, 0.95, 0.95), ("a", 1, 0.01, 0.97, 0.95),  # the lowest CHAIR_s, but 4 points of typical exact lost
+                 ("b", 0, 0.10, 1.0, 0.94), ("b", 1, 0.06, 0.99, 0.94), ("c", 0, 0.09, 1.0, 0.95), ("c", 1, 0.09, 1.0, 0.95),
+                 ("d", 0, 0.02, 1.0, 0.80), ("d", 1, 0.02, 1.0, 0.80),  # low CHAIR_s, but it answers presence questions worse on typical scenes
+                 ("oracle", -1, 0.0, 1.0, 1.0)])
+    assert pick_best(df) == "b"  # mean 0.08 < c's 0.09, typical exact 0.995 and POPE 0.94 within bounds; a and d are out, the oracle is no run
+    assert pick_best(df, keep={"typical/exact": 0.05, "typical_pope_adversarial/accuracy": 0.02}) == "a"
+    assert pick_best(df, keep={"typical/exact": 0.01}) == "d"  # without the POPE bound
     assert pick_best(df, prefix="c") == "c"
     with pytest.raises(ValueError, match="no run"):
-        pick_best(df, within=0.0, prefix="a")
+        pick_best(df, keep={"typical/exact": 0.0}, prefix="a")
     with pytest.raises(ValueError, match="base"):
         pick_best(df[df.run != "base"])
 

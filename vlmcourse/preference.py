@@ -18,13 +18,13 @@ from .llava import BaseTrainConfig, answerer, base_vlm, epoch_batches, load_vlm,
 from .registry import ModelEntry, register
 from .dpo import DPOTrainConfig, dpo_train, unpack_pairs
 from .pairs import PAIR_SOURCES, PairConfig, build_pairs
-from .hallucination import EVAL_SEED, hallucination_report
+from .hallucination import EVAL_SEED, REPORT_FORMAT, hallucination_report
 
 # %% auto 0
-__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'GAP_METRICS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig', 'sft_train',
-           'align', 'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch', 'counter_frac_runs',
-           'sweep_tests', 'pick_best', 'add_gap_closed', 'goal_check', 'sweep_markdown', 'write_section',
-           'best_aligned_vlm_path', 'best_aligned_vlm']
+__all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'KEEP', 'GAP_METRICS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig',
+           'sft_train', 'align', 'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch',
+           'counter_frac_runs', 'sweep_tests', 'pick_best', 'add_gap_closed', 'goal_check', 'sweep_markdown',
+           'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
 
 # %% ../nbs/07_preference.ipynb 7
 OBJECTIVES = ("sft", "dpo")
@@ -103,14 +103,15 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
                     rows.append(dict(run=name, seed=seed, seconds=hist["seconds"], **hallucination_report(answerer(model, proc), bcfg.world, n=n_eval)))
                     bar.update(1)
         (folder / "results.json").write_text(json.dumps(rows))
-    key = dict(runs={k: asdict(v) for k, v in runs.items()}, seeds=seeds, n_eval=n_eval, eval_seed=EVAL_SEED)
+    key = dict(runs={k: asdict(v) for k, v in runs.items()}, seeds=seeds, n_eval=n_eval, eval_seed=EVAL_SEED, report=REPORT_FORMAT)
     return json.loads((cached_artifact("preference-sweep", key, build) / "results.json").read_text())
 
 METRICS = {"counter/chair_s": "counter CHAIR_s", "counter/chair_i": "counter CHAIR_i", "typical/chair_s": "typical CHAIR_s",
            "typical/chair_i": "typical CHAIR_i", "pope_random/f1": "POPE F1 random", "pope_popular/f1": "POPE F1 popular",
            "pope_adversarial/f1": "POPE F1 adversarial", "counter/exact": "counter exact", "typical/exact": "typical exact",
            "counter/recall": "counter recall", "typical/recall": "typical recall",
-           "pope_random/accuracy": "POPE acc random", "pope_adversarial/accuracy": "POPE acc adversarial"}
+           "pope_random/accuracy": "POPE acc random", "pope_adversarial/accuracy": "POPE acc adversarial",
+           "typical_pope_adversarial/accuracy": "typical POPE acc adversarial", "typical_pope_adversarial/f1": "typical POPE F1 adversarial"}
 
 def results_table(rows: list, # one dict per run and seed: `run`, `seed` and figures
                   cols: list = None, # the figures to summarise (default: every one of METRICS the rows have)
@@ -200,16 +201,20 @@ def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. 
     return out
 
 # %% ../nbs/07_preference.ipynb 50
+KEEP = {"typical/exact": 0.01, "typical_pope_adversarial/accuracy": 0.02}  # what an alignment must not cost, and how much it may
+
 def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the base model's row (run 'base')
-              within: float = 0.01, # how far below the base model's typical exact a run may fall
+              keep: dict = KEEP, # figure -> how far below the base model's a run's mean may fall
               prefix: str = "", # consider only runs whose name starts with this (e.g. 'DPO + SFT'); all by default
              ) -> str:
-    "The best run of a sweep: the lowest mean counter-prior CHAIR_s among runs whose mean typical exact is within `within` of the base model's."
-    if "base" not in set(df["run"]): raise ValueError("the sweep has no 'base' row, whose typical exact the rule compares against")
+    """The best run of a sweep: the lowest mean counter-prior CHAIR_s among runs that keep the base model's reading of
+    typical scenes (by default: exact captions within 1 point, POPE adversarial accuracy within 2 points)."""
+    if "base" not in set(df["run"]): raise ValueError("the sweep has no 'base' row, whose typical figures the rule compares against")
     runs = df[~df.run.isin(["base", "oracle"]) & df.run.str.startswith(prefix)]
-    m = runs.groupby("run", sort=False)[["counter/chair_s", "typical/exact"]].mean()
-    ok = m[m["typical/exact"] >= df.loc[df.run == "base", "typical/exact"].iloc[0] - within - 1e-9]
-    if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps typical exact within {within} of the base model's")
+    m = runs.groupby("run", sort=False)[["counter/chair_s", *keep]].mean()
+    base = df[df.run == "base"].iloc[0]
+    ok = m[np.all([m[k] >= base[k] - d - 1e-9 for k, d in keep.items()], axis=0)]
+    if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps {keep} of the base model's typical figures")
     return ok["counter/chair_s"].idxmin()
 
 # %% ../nbs/07_preference.ipynb 53
@@ -237,7 +242,8 @@ def goal_check(df: pd.DataFrame, run: str) -> dict:
 
 # %% ../nbs/07_preference.ipynb 57
 SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
-                 "pope_adversarial/accuracy", "pope_adversarial/f1", "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
+                 "pope_adversarial/accuracy", "pope_adversarial/f1", "typical_pope_adversarial/accuracy",
+                 "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
 
 def sweep_markdown(df: pd.DataFrame) -> str:
     "The README's results: the sweep's table (mean ± std over seeds), Welch's tests, and the rule's best run against its goal."
@@ -246,7 +252,8 @@ def sweep_markdown(df: pd.DataFrame) -> str:
     lines = [results_markdown(results_table(df.to_dict("records"), SWEEP_COLUMNS), SWEEP_COLUMNS), ""]
     lines += [f"- {t['line']}" for t in sweep_tests(df).values()]
     lines += ["", f"The rule's best run (`pick_best`: the lowest counter CHAIR_s among runs within a point of the base model's "
-              f"typical exact) is **{best}**: counter CHAIR_s {g['CHAIR_s cut']:.0%} below the base model's, "
+              f"typical exact and two points of its typical POPE adversarial accuracy) is **{best}**: "
+              f"counter CHAIR_s {g['CHAIR_s cut']:.0%} below the base model's, "
               f"{g['gap closed']:.0%} of the base-to-oracle gap closed, typical exact {g['typical exact drop']:.3f} below the base "
               f"model's; the goal (80%, 1 point, 75%) is {'met' if g['goal met'] else 'not met'}."]
     return "\n".join(lines)
