@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .world import WorldConfig, questions as world_questions, sample_scenes
+from .world import WorldConfig, plural, questions as world_questions, sample_scenes
 from .llava import load_vlm, save_vlm
 
 # %% auto 0
@@ -377,13 +377,16 @@ def _parse_synonyms(text: str) -> dict:
     return out | {"orange": []}
 
 COCO_SYNONYMS = _parse_synonyms(CHAIR_SYNONYMS_TXT)
-_IRREGULAR = {"man": "men", "woman": "women", "child": "children", "person": "people", "knife": "knives", "mouse": "mice", "goose": "geese",
-              "sheep": "sheep", "ox": "oxen", "calf": "calves", "bus": "buses", "glass": "glasses", "sandwich": "sandwiches", "couch": "couches",
-              "bench": "benches", "toothbrush": "toothbrushes", "skis": "skis", "scissors": "scissors", "lady": "ladies", "box": "boxes"}
+_IRREGULAR = {"man": "men", "woman": "women", "child": "children", "person": "people", "knife": "knives", "mouse": "mice",
+              "goose": "geese", "sheep": "sheep", "ox": "oxen", "calf": "calves", "skis": "skis", "scissors": "scissors"}
 
 def _plural(word: str) -> str:
+    "The plural of a CHAIR word or phrase (its last word): the irregular ones, 'puppy' -> 'puppies', else `world.plural`."
     *head, last = word.split(" ")
-    return " ".join(head + [_IRREGULAR.get(last, last[:-1] + "ies" if last.endswith("y") and last[-2:-1] not in "aeiou" else last + "s")])
+    if last in _IRREGULAR: last = _IRREGULAR[last]
+    elif last.endswith("y") and last[-2:-1] not in "aeiou": last = last[:-1] + "ies"
+    else: last = plural(last)
+    return " ".join(head + [last])
 
 def coco_synonym_table() -> dict:
     "Every word or phrase CHAIR reads, singular and plural -> its COCO category (None: a phrase that names no COCO object)."
