@@ -1,12 +1,14 @@
 """GRPO against the best DPO + SFT run of 07_preference at equal wall-clock compute on this machine, several seeds.
 
-For each seed: 07's best alignment (`BEST_ALIGNMENT`, the DPO + SFT run 07's rule picks) is trained from the base
-model and timed (pairs built and trained); then GRPO (TRL's GRPOTrainer, 12_rl's reward) gets the same wall-clock budget,
+For each seed: 07's best DPO + SFT run (`pick_best` with prefix 'DPO + SFT' on 07's committed sweep) is trained from the
+base model and timed (pairs built and trained); then GRPO (TRL's GRPOTrainer, 12_rl's reward) gets the same wall-clock budget,
 once with the lesson's reward weights and once with `named = 0` (nothing rewards naming a true object: the reward hack's
 setting), and once with four times the budget (what more compute buys). Every model is measured with 03_hallucination's report (CHAIR and recall on typical and counter-prior scenes,
 POPE's three splits on both kinds of scene) and 12_rl's KL to the base model.
 
-    python bench/rl_experiment.py --seeds 0 1 2 --write nbs/results/rl_seeds.csv --curves nbs/results/rl_curves.csv
+    python bench/rl_experiment.py --seeds 0 1 2 3 4 --write nbs/results/rl_seeds.csv --curves nbs/results/rl_curves.csv
+    python bench/rl_experiment.py --seeds 3 4 --write b.csv --curves bc.csv   # on the other core, then pool:
+    python bench/rl_experiment.py --seeds 0 1 2 --also b.csv --also-curves bc.csv --write nbs/results/rl_seeds.csv ...
 
 Run it with OMP_NUM_THREADS=1 on an otherwise idle core, so both arms see the same CPU."""
 import argparse, time
@@ -16,7 +18,7 @@ import pandas as pd
 
 from vlmcourse.hallucination import hallucination_report
 from vlmcourse.llava import BaseTrainConfig, answerer, base_vlm, oracle_vlm
-from vlmcourse.preference import BEST_ALIGNMENT, align
+from vlmcourse.preference import align, counter_frac_runs, pick_best
 from vlmcourse.rl import GRPOTrainConfig, RewardConfig, grpo_train, kl_to_base
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -25,8 +27,14 @@ p.add_argument("--n-eval", type=int, default=200, help="evaluation scenes of eac
 p.add_argument("--n-kl", type=int, default=100, help="held-out prompts for the KL to the base model")
 p.add_argument("--write", default="nbs/results/rl_seeds.csv")
 p.add_argument("--curves", default="nbs/results/rl_curves.csv")
+p.add_argument("--sweep", default="nbs/results/counter_frac_sweep.csv", help="07's sweep, from which pick_best names the DPO + SFT run")
+p.add_argument("--also", nargs="*", default=[], help="rows written by another run of this script (other seeds) to pool with these")
+p.add_argument("--also-curves", nargs="*", default=[], help="that run's curves")
 a = p.parse_args()
 
+against = pick_best(pd.read_csv(a.sweep), prefix="DPO + SFT")  # the lowest counter CHAIR_s among DPO + SFT runs that keep typical scenes
+acfg = counter_frac_runs((float(against.rpartition(" ")[2]),))[against]
+print("DPO + SFT run:", against, flush=True)
 tcfg = BaseTrainConfig()
 wcfg = tcfg.world
 base, proc = base_vlm(tcfg, progress=False)
@@ -44,9 +52,9 @@ rows.append(measure("base", -1, base, {}))
 rows.append(measure("oracle", -1, oracle_vlm(tcfg, progress=False)[0], {}))
 for seed in a.seeds:
     t0 = time.time()
-    model, _, hist = align(replace(BEST_ALIGNMENT, seed=seed), progress=False)
+    model, _, hist = align(replace(acfg, seed=seed), progress=False)
     budget = time.time() - t0  # pairs built, reference log-probs and training: the whole run
-    rows.append(measure("DPO + SFT", seed, model, dict(seconds=budget, steps=hist["steps"])))
+    rows.append(measure("DPO + SFT", seed, model, dict(seconds=budget, steps=hist["steps"], config=against)))
     for run, reward, scale in (("GRPO", RewardConfig(), 1), ("GRPO, named = 0", RewardConfig(named=0.0), 1), ("GRPO, 4x compute", RewardConfig(), 4)):
         model, _, h = grpo_train(GRPOTrainConfig(seconds=scale * budget, max_steps=int(10 * scale * budget) + 10,  # the budget stops it first (about 5 steps/s)
                                                    reward=reward, seed=seed), tcfg, progress=False)
@@ -55,7 +63,17 @@ for seed in a.seeds:
                    for s, r, k, c, t in zip(h["step"], h["reward"], h["kl"], h["completion_length"], h["seconds"])]
     pd.DataFrame(rows).to_csv(a.write, index=False)  # after every seed, so that a long run leaves its finished seeds
     pd.DataFrame(curves).to_csv(a.curves, index=False)
-df = pd.DataFrame(rows)
+df, cv = pd.DataFrame(rows), pd.DataFrame(curves)
+for f in a.also:  # other seeds; the base model and the oracle are this run's
+    old = pd.read_csv(f)
+    df = pd.concat([df, old[[r not in ("base", "oracle") and (r, s) not in set(zip(df.run, df.seed)) for r, s in zip(old.run, old.seed)]]],
+                   ignore_index=True)
+for f in a.also_curves:
+    old = pd.read_csv(f)
+    cv = pd.concat([cv, old[[(r, s) not in set(zip(cv.run, cv.seed)) for r, s in zip(old.run, old.seed)]]], ignore_index=True)
+if a.also or a.also_curves:
+    df.to_csv(a.write, index=False)
+    cv.to_csv(a.curves, index=False)
 cols = ["seconds", "steps", "counter/chair_s", "counter/recall", "typical/exact", "typical/recall", "pope_adversarial/accuracy",
         "typical_pope_adversarial/accuracy", "kl_to_base"]
 print(df.groupby("run", sort=False)[cols].agg(["mean", "std"]).round(3).to_string())

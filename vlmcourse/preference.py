@@ -282,7 +282,7 @@ def write_section(path, # a text file, e.g. README.md
     return path
 
 # %% ../nbs/07_preference.ipynb 62
-BEST_ALIGNMENT = counter_frac_runs((0.5,))["DPO + SFT, BPO contrastive, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
+BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
     "The cached checkpoint folder of an aligned model (trained from the base model on first use)."
@@ -299,5 +299,5 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
     "(model, processor) of the best aligned model: trained once from the base model, then loaded from the cache."
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
 
-register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (DPO + SFT on BPO's contrastive pairs, half counter-prior)", "07_preference",
+register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (SFT on the chosen answers of half counter-prior pairs)", "07_preference",
                     "vlmcourse.preference:best_aligned_vlm_path"))
