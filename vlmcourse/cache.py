@@ -50,7 +50,8 @@ def _matches(folder: Path, full: dict) -> bool:
 def write_atomically(path, # the folder to (re)write
                      write, # write(folder) fills an empty temporary folder beside `path`
                     ) -> Path:
-    "Write a folder all or nothing: `write` fills a temporary folder next to `path`, which is renamed into place only when complete."
+    """Write a folder all or nothing: `write` fills a temporary folder
+    next to `path`, which is renamed into place only when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
@@ -98,7 +99,8 @@ def can_run(gpu: bool = False, # the cell needs a CUDA GPU
         if not torch.cuda.is_available(): missing.append("a GPU")
     if hub:
         import socket
-        offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes")
+                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
         if not offline:
             try: socket.create_connection(("huggingface.co", 443), timeout=3).close()
             except OSError: offline = True

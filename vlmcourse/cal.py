@@ -31,9 +31,11 @@ def _check_cal_inputs(logits, logits_no_image, labels, low, high, kernel):
         if not isinstance(v, torch.Tensor): raise TypeError(f"{k} must be a torch.Tensor, not {type(v).__name__}")
     if logits.ndim != 3: raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
     if logits_no_image.shape != logits.shape:
-        raise ValueError(f"logits_no_image has shape {tuple(logits_no_image.shape)} but logits {tuple(logits.shape)}: they must be the same")
+        raise ValueError(f"logits_no_image has shape {tuple(logits_no_image.shape)} but logits "
+                         f"{tuple(logits.shape)}: they must be the same")
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape [B, T] = {tuple(logits.shape[:2])}, aligned with logits (already shifted), got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape [B, T] = {tuple(logits.shape[:2])}, "
+                         f"aligned with logits (already shifted), got {tuple(labels.shape)}")
     if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"kernel must be an odd integer >= 1 (a window centred on each token), got {kernel!r}")
     if not low <= high: raise ValueError(f"low={low} must not exceed high={high}")
@@ -61,7 +63,8 @@ def cal_weights(logits: torch.Tensor, # [B, T, V] logits with the image; positio
                 high: float = 5.0, # eq. 2's upper clamp
                 kernel: int = 3, # eq. 3's window, odd; 1 switches the smoothing off
                ) -> torch.Tensor:
-    "CAL's token weights (Xiao et al. 2024; eqs. 1-3): [B, T], clamped visual correlation averaged over a window within each answer, 0 where the label is -100."
+    """CAL's token weights (Xiao et al. 2024; eqs. 1-3): [B, T], clamped visual
+    correlation averaged over a window within each answer, 0 where the label is -100."""
     answer = _check_cal_inputs(logits, logits_no_image, labels, low, high, kernel)
     w = visual_correlation(logits, logits_no_image, labels).clamp(low, high) * answer  # eqs. 1-2, [B, T]
     span, h = _answer_spans(answer), kernel // 2
@@ -76,9 +79,11 @@ def cal_loss(logits: torch.Tensor, # [B, T, V] logits with the image, aligned wi
              weights: torch.Tensor, # [B, T] from `cal_weights`: constants, no gradient flows through them
             ) -> torch.Tensor:
     "Eq. 4: the weighted mean cross-entropy over the batch's answer tokens, sum(w CE) / sum(w)."
-    if not all(isinstance(v, torch.Tensor) for v in (logits, labels, weights)): raise TypeError("logits, labels and weights must be torch.Tensors")
+    if not all(isinstance(v, torch.Tensor) for v in (logits, labels, weights)):
+        raise TypeError("logits, labels and weights must be torch.Tensors")
     if logits.ndim != 3 or labels.shape != logits.shape[:2] or weights.shape != labels.shape:
-        raise ValueError(f"need logits [B, T, V] and labels and weights [B, T]; got {tuple(logits.shape)}, {tuple(labels.shape)} and {tuple(weights.shape)}")
+        raise ValueError(f"need logits [B, T, V] and labels and weights [B, T]; got {tuple(logits.shape)}, "
+                         f"{tuple(labels.shape)} and {tuple(weights.shape)}")
     answer = labels != -100
     if not answer.any(): raise ValueError("every label is -100: the batch has no answer tokens to score")
     w = weights.detach().float() * answer  # [B, T]
@@ -93,21 +98,24 @@ def image_positions(model, input_ids: torch.Tensor) -> torch.Tensor:
     "[B, T] True at the `<image>` placeholders of a LLaVA-style model's input."
     tid = getattr(model.config, "image_token_id", None)
     if tid is None: tid = getattr(model.config, "image_token_index", None)
-    if tid is None: raise ValueError("the model's config has no image_token_id: CAL's second pass needs to know where the image is")
+    if tid is None:
+        raise ValueError("the model's config has no image_token_id: CAL's second pass needs to know where the image is")
     return input_ids == tid
 
 @torch.no_grad()
 def logits_without_image(model, # a LLaVA-style VLM (`LlavaForConditionalGeneration`)
                          batch: dict, # its inputs: input_ids, attention_mask (labels and pixel_values are not read)
                         ) -> torch.Tensor:
-    "[B, T, V] the model's logits with the image positions masked out of attention and every text token at its position (CAL's second pass)."
+    """[B, T, V] the model's logits with the image positions masked out of
+    attention and every text token at its position (CAL's second pass)."""
     ids = batch["input_ids"]
     img = image_positions(model, ids)
     if not img.any(): raise ValueError("the batch has no <image> placeholders: there is no image to take away")
     mask = batch.get("attention_mask", torch.ones_like(ids)).clone()
     mask[img] = 0  # no text token attends to the image
     embeds = model.get_input_embeddings()(ids)  # the placeholders' own embeddings: invisible, so their content does not matter
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # positions 0..T-1 as with the image
+    # positions 0..T-1 as with the image
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     return model.lm_head(hidden)
 
 # %% ../nbs/08_cal.ipynb 29
@@ -147,7 +155,8 @@ def token_weights(model, processor, # a LLaVA-style VLM and its processor
                   answers: list, # the answers to weigh, teacher-forced
                   ccfg: CALConfig = CALConfig(),
                  ) -> list:
-    "Per answer: its tokens, their visual correlation d (eq. 1) and CAL weight (eqs. 2-3), as lists (the end-of-sequence token included)."
+    """Per answer: its tokens, their visual correlation d (eq. 1) and CAL
+    weight (eqs. 2-3), as lists (the end-of-sequence token included)."""
     model.eval()
     batch = sft_batch(processor, images, questions, answers)
     labels = batch["labels"][:, 1:]
@@ -158,29 +167,33 @@ def token_weights(model, processor, # a LLaVA-style VLM and its processor
     out = []
     for b in range(labels.shape[0]):
         a = labels[b] != -100
-        out.append(dict(tokens=processor.tokenizer.convert_ids_to_tokens(labels[b][a].tolist()), d=d[b][a].tolist(), weight=w[b][a].tolist()))
+        out.append(dict(tokens=processor.tokenizer.convert_ids_to_tokens(labels[b][a].tolist()), d=d[b][a].tolist(),
+                        weight=w[b][a].tolist()))
     return out
 
 # %% ../nbs/08_cal.ipynb 44
 @torch.no_grad()
 def reference_cal_weights(logits, logits_no_image, labels, low: float = 1.0, high: float = 5.0, kernel: int = 3) -> torch.Tensor:
-    "The weights as foundation-multimodal-models/CAL computes them: clamp at every position (-100 read as token 0), then one window average over the flattened batch; [B, T]."
+    """The weights as foundation-multimodal-models/CAL computes them: clamp at every position
+    (-100 read as token 0), then one window average over the flattened batch; [B, T]."""
     _check_cal_inputs(logits, logits_no_image, labels, low, high, kernel)
     V = logits.shape[-1]
     tgt = labels.clamp_min(0).reshape(-1, 1)  # [B*T, 1], as `shift_labels_c[shift_labels_c == IGNORE_INDEX] = 0`
-    sub = (logits.reshape(-1, V).gather(1, tgt) - logits_no_image.reshape(-1, V).gather(1, tgt)).float().clamp(low, high)  # [B*T, 1]
+    sub = (logits.reshape(-1, V).gather(1, tgt)
+           - logits_no_image.reshape(-1, V).gather(1, tgt)).float().clamp(low, high)  # [B*T, 1]
     sub = F.avg_pool1d(sub[:, 0][None, None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)[0, 0]  # across rows
     return sub.view_as(labels)
 
 # %% ../nbs/08_cal.ipynb 50
-def cal_align(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base recipe: its text-only model is the start, its alignment stage the budget
+def cal_align(tcfg: BaseTrainConfig = BaseTrainConfig(), # base recipe: start at its text-only model; budget: its alignment stage
               ccfg: CALConfig = CALConfig(), # CAL's weights; None: plain cross-entropy, the control
               seed: int = 0, # the alignment data and their order
               steps: int = None, # default: the recipe's alignment steps
               progress: bool = True,
              ):
     "(model, processor, history): the alignment stage from the text-only model, with CAL or (ccfg=None) plain cross-entropy."
-    if ccfg is not None and not isinstance(ccfg, CALConfig): raise TypeError(f"ccfg must be a CALConfig or None, not {type(ccfg).__name__}")
+    if ccfg is not None and not isinstance(ccfg, CALConfig):
+        raise TypeError(f"ccfg must be a CALConfig or None, not {type(ccfg).__name__}")
     model, proc = text_stage_vlm(tcfg, progress=progress)
     stats, old = [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the base model is trained: the weights differ in the last bits with another count
@@ -201,15 +214,18 @@ def cal_run_path(tcfg: BaseTrainConfig = BaseTrainConfig(), ccfg: CALConfig = CA
         model.save_pretrained(folder)
         proc.save_pretrained(folder)
         (folder / "history.json").write_text(json.dumps(hist))
-    key = dict(start=training_key(tcfg), cal=ccfg, seed=seed, steps=steps or tcfg.stage2_steps, recipe="text_stage_vlm + align_stage")
+    key = dict(start=training_key(tcfg), cal=ccfg, seed=seed, steps=steps or tcfg.stage2_steps,
+               recipe="text_stage_vlm + align_stage")
     return cached_artifact("llava-cal" if ccfg is not None else "llava-ce-align", key, build)
 
 def cal_vlm_path(progress: bool = True) -> Path:
-    "The cached checkpoint folder of the CAL-aligned model: the base recipe's alignment stage with CAL, seed 0 (load it with `load_vlm`)."
+    """The cached checkpoint folder of the CAL-aligned model: the base
+    recipe's alignment stage with CAL, seed 0 (load it with `load_vlm`)."""
     return cal_run_path(BaseTrainConfig(), CALConfig(), seed=0, progress=progress)
 
-register(ModelEntry("cal", "the base recipe's alignment stage with CAL's token weights instead of plain cross-entropy (seed 0)", "08_cal",
-                    "vlmcourse.cal:cal_vlm_path"))
+register(ModelEntry("cal",
+                    "the base recipe's alignment stage with CAL's token weights instead of plain cross-entropy (seed 0)",
+                    "08_cal", "vlmcourse.cal:cal_vlm_path"))
 
 # %% ../nbs/08_cal.ipynb 51
 def cal_report(answer, # answer(images, questions) -> replies, e.g. `llava.answerer(model, processor)`
@@ -245,7 +261,8 @@ def step_seconds(model, # a VLM; two copies of it are trained, one step of each 
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
             times[k].append(time.perf_counter() - t0)
-    ce, cal = float(np.median(times["ce"][1:] or times["ce"])), float(np.median(times["cal"][1:] or times["cal"]))  # the first step warms up
+    # the first step warms up
+    ce, cal = float(np.median(times["ce"][1:] or times["ce"])), float(np.median(times["cal"][1:] or times["cal"]))
     return dict(ce_seconds=ce, cal_seconds=cal, ratio=cal / ce, steps=len(batches))
 
 # %% ../nbs/08_cal.ipynb 55
@@ -255,7 +272,8 @@ def cal_experiment(seeds=(0, 1, 2), # the seeds of both arms
                    ccfg: CALConfig = CALConfig(),
                    progress: bool = True,
                   ) -> list:
-    "Rows of `cal_report` figures for the base model, the oracle, and the alignment stage with cross-entropy and with CAL on each seed (models cached)."
+    """Rows of `cal_report` figures for the base model, the oracle, and the
+    alignment stage with cross-entropy and with CAL on each seed (models cached)."""
     rows = []
     for run, (model, proc) in (("base", base_vlm(tcfg, progress=progress)), ("oracle", oracle_vlm(tcfg, progress=progress))):
         rows.append(dict(run=run, seed=-1, **cal_report(answerer(model, proc), tcfg.world, n_eval)))
@@ -271,8 +289,10 @@ def cal_experiment(seeds=(0, 1, 2), # the seeds of both arms
                              **cal_report(answerer(model, proc), tcfg.world, n_eval)))
     return rows
 
-def cal_curves(seeds=(0, 1, 2), tcfg: BaseTrainConfig = BaseTrainConfig(), ccfg: CALConfig = CALConfig(), every: int = 10) -> list:
-    "Every `every`-th step of each cached run of `cal_experiment`: its loss and, with CAL, the answer tokens' mean weight and share at the upper clamp."
+def cal_curves(seeds=(0, 1, 2), tcfg: BaseTrainConfig = BaseTrainConfig(), ccfg: CALConfig = CALConfig(),
+               every: int = 10) -> list:
+    """Every `every`-th step of each cached run of `cal_experiment`: its loss and,
+    with CAL, the answer tokens' mean weight and share at the upper clamp."""
     rows = []
     for seed in seeds:
         for run, c in (("cross-entropy", None), ("CAL", ccfg)):

@@ -30,26 +30,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     r = sub.add_parser("report", help="print CHAIR and POPE for the base model or a checkpoint")
     r.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the cached base model)")
-    r.add_argument("--model", default=None, help="one of the course's models by name (see `vlmcourse models`), instead of --checkpoint")
+    r.add_argument("--model", default=None,
+                   help="one of the course's models by name (see `vlmcourse models`), instead of --checkpoint")
     r.add_argument("--n", type=_positive(int), default=200, help="scenes of each kind to evaluate")
     r.add_argument("--seed", type=int, default=1000, help="seed of the evaluation scenes")
     r.add_argument("--json", action="store_true", help="print the table as JSON")
     sub.add_parser("info", help="where the cache is and what it holds")
-    sub.add_parser("models", help="the course's trained models, by name (the demo's --left/--right and `report --model` take these names)")
+    sub.add_parser("models",
+                   help="the course's trained models, by name (the demo's --left/--right and `report --model` take these names)")
     d = sub.add_parser("demo", help="serve the side-by-side hallucination checker (Gradio)")
     d.add_argument("--port", type=_positive(int), default=7860, help="port on 127.0.0.1")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     d.add_argument("--share", action="store_true", help="ask Gradio for a public share link (off by default)")
-    d.add_argument("--left", default=None, help="left model: a course model by name (`vlmcourse models`), a checkpoint folder or Hub id (default: base)")
+    d.add_argument("--left", default=None,
+                   help="left model: a course model by name (`vlmcourse models`), a checkpoint folder or Hub id (default: base)")
     d.add_argument("--right", default=None, help="right model: as --left (default: aligned, the best aligned model)")
-    d.add_argument("--models-dir", default=None, metavar="DIR", help="also offer visitors the checkpoint folders under DIR (by default: only the course's models and --left/--right)")
+    d.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="also offer visitors the checkpoint folders under DIR (by default: "
+                        "only the course's models and --left/--right)")
     d.add_argument("--allow-hub", action="store_true", help="let visitors type Hugging Face Hub ids (off by default)")
-    al = sub.add_parser("align", help="DPO of a real checkpoint with TRL and a LoRA adapter (one GPU, several under `accelerate launch`, or the CPU)")
+    al = sub.add_parser("align",
+                        help="DPO of a real checkpoint with TRL and a LoRA adapter (one GPU, "
+                             "several under `accelerate launch`, or the CPU)")
     al.add_argument("--model", required=True, help="a checkpoint folder or Hub id, e.g. llava-hf/llava-1.5-7b-hf")
-    al.add_argument("--pairs", default="bpo_inject", help="a dataset in TRL's vision format (folder from save_to_disk, .json/.jsonl/.parquet, Hub id) or a pair builder: bpo_inject, bpo_noise, bpo_both, seva")
-    al.add_argument("--n-pairs", type=_positive(int), default=None, help="use the first N pairs (the builders make N, default 64)")
-    al.add_argument("--output", required=True, help="folder for the LoRA adapter (and with --merge, the merged model in OUTPUT/merged)")
-    al.add_argument("--arch", default=None, help="the model's family (llava, qwen2_vl, idefics3, instructblip), for a chat template when it ships none")
+    al.add_argument("--pairs", default="bpo_inject",
+                    help="a dataset in TRL's vision format (folder from save_to_disk, .json/.jsonl/.parquet, Hub id) "
+                         "or a pair builder: bpo_inject, bpo_noise, bpo_both, seva")
+    al.add_argument("--n-pairs", type=_positive(int), default=None,
+                    help="use the first N pairs (the builders make N, default 64)")
+    al.add_argument("--output", required=True,
+                    help="folder for the LoRA adapter (and with --merge, the merged model in OUTPUT/merged)")
+    al.add_argument("--arch", default=None,
+                    help="the model's family (llava, qwen2_vl, idefics3, instructblip), for a chat template when it ships none")
     al.add_argument("--beta", type=_positive(float), default=0.1, help="DPO's KL strength")
     al.add_argument("--lr", type=_positive(float), default=5e-6, help="learning rate")
     al.add_argument("--epochs", type=_positive(int), default=1)
@@ -57,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--batch-size", type=_positive(int), default=2, help="pairs per GPU per step")
     al.add_argument("--grad-accum", type=_positive(int), default=8, help="gradient accumulation steps")
     al.add_argument("--lora-r", type=_positive(int), default=16, help="LoRA rank")
-    al.add_argument("--merge", action="store_true", help="also write the merged model, a checkpoint the demo and `report --checkpoint` read")
+    al.add_argument("--merge", action="store_true",
+                    help="also write the merged model, a checkpoint the demo and `report --checkpoint` read")
     return p
 
 # %% ../nbs/99_cli.ipynb 6
@@ -122,14 +135,15 @@ def _demo(a):
 def _align(a):
     from vlmcourse.real import AlignConfig, align, load_pairs  # 14_real_models
     from vlmcourse.llava import load_vlm
-    align_cfg = AlignConfig(beta=a.beta, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lora_r=a.lora_r,
-                      lora_alpha=2 * a.lora_r)
+    align_cfg = AlignConfig(beta=a.beta, lr=a.lr, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
+                            grad_accum=a.grad_accum, lora_r=a.lora_r, lora_alpha=2 * a.lora_r)
     needs_model = a.pairs in ("bpo_noise", "bpo_both", "seva")  # these builders decode with the model itself
     model, proc = load_vlm(a.model, device="cpu") if needs_model else (None, None)
     pairs = load_pairs(a.pairs, n=a.n_pairs, model=model, processor=proc)
     del model
     out = align(a.model, pairs, a.output, align_cfg, merge=a.merge, arch=a.arch)
-    print(f"aligned {a.model} on {len(pairs)} pairs in {out['steps']} steps: adapter in {out['output_dir']}" + (f", merged model in {out['output_dir'] / 'merged'}" if a.merge else ""))
+    print(f"aligned {a.model} on {len(pairs)} pairs in {out['steps']} steps: adapter in {out['output_dir']}"
+          + (f", merged model in {out['output_dir'] / 'merged'}" if a.merge else ""))
 
 def main(argv=None) -> int:
     "Entry point of the `vlmcourse` command."

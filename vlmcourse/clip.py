@@ -29,7 +29,9 @@ __all__ = ['clip_loss', 'VisionTowerConfig', 'vision_config', 'image_processor',
 # %% ../nbs/01_clip.ipynb 12
 def _check_embeds(x, name):
     if not isinstance(x, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor of shape [B, D], not {type(x).__name__}")
-    if x.ndim != 2: raise ValueError(f"{name} must have shape [B, D] (batch, embedding dim), got {tuple(x.shape)}; for one example use x[None]")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [B, D] (batch, embedding dim), got {tuple(x.shape)}; "
+                         "for one example use x[None]")
     if x.shape[0] == 0 or x.shape[1] == 0: raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
     if not x.is_floating_point(): raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
@@ -41,7 +43,8 @@ def clip_loss(image_embeds: torch.Tensor, # [B, D] image embeddings, not necessa
     _check_embeds(image_embeds, "image_embeds")
     _check_embeds(text_embeds, "text_embeds")
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must have the same shape [B, D]: one caption per image")
+        raise ValueError(f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must "
+                         "have the same shape [B, D]: one caption per image")
     t = torch.as_tensor(logit_scale, dtype=image_embeds.dtype, device=image_embeds.device)
     if t.numel() != 1: raise ValueError(f"logit_scale must be a scalar, got shape {tuple(t.shape)}")
     ni, nt = image_embeds.norm(dim=-1, keepdim=True), text_embeds.norm(dim=-1, keepdim=True)  # [B, 1]
@@ -67,7 +70,8 @@ class VisionTowerConfig:
     def num_patches(self): return (self.image_size // self.patch_size) ** 2
 
     def __post_init__(self):
-        if self.image_size % self.patch_size: raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
         if self.hidden % self.heads: raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
 
 def vision_config(v: VisionTowerConfig = VisionTowerConfig()) -> CLIPVisionConfig:
@@ -82,7 +86,8 @@ def image_processor(v: VisionTowerConfig = VisionTowerConfig()):
 
 def to_rgb(img) -> Image.Image:
     "An RGB PIL image from a PIL image of any mode (greyscale, RGBA, palette); a clear error for anything else."
-    if not isinstance(img, Image.Image): raise TypeError(f"expected a PIL image, got {type(img).__name__}: open files with PIL.Image.open first")
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}: open files with PIL.Image.open first")
     if img.mode == "RGB": return img
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -115,9 +120,11 @@ class ClipTrainConfig:
 
     def __post_init__(self):
         if self.world.image_size != self.vision.image_size:
-            raise ValueError(f"the world renders {self.world.image_size} px images but the vision tower expects {self.vision.image_size} px: make them equal")
+            raise ValueError(f"the world renders {self.world.image_size} px images but the vision tower expects "
+                             f"{self.vision.image_size} px: make them equal")
         if self.batch_size < 2: raise ValueError("a contrastive batch needs at least 2 pairs (batch_size >= 2)")
-        if self.n_scenes < self.batch_size: raise ValueError(f"n_scenes={self.n_scenes} is smaller than one batch of {self.batch_size}")
+        if self.n_scenes < self.batch_size:
+            raise ValueError(f"n_scenes={self.n_scenes} is smaller than one batch of {self.batch_size}")
 
 # %% ../nbs/01_clip.ipynb 27
 @functools.lru_cache(maxsize=None)
@@ -141,22 +148,25 @@ def clip_text_inputs(texts: list, # captions or prompts in the world's words
         if tok.unk_token_id in ids:
             unknown = [w for w in t.lower().split() if tok.convert_tokens_to_ids(w) == tok.unk_token_id]
             raise ValueError(f"{unknown} are not words of this world: CLIP's text tower only knows `world_words(wcfg)`")
-        if len(ids) + 1 > max_len: raise ValueError(f"{t!r} has {len(ids)} tokens; the text tower takes at most {max_len - 1} plus end-of-text")
+        if len(ids) + 1 > max_len:
+            raise ValueError(f"{t!r} has {len(ids)} tokens; the text tower takes at most {max_len - 1} plus end-of-text")
         rows.append(ids + [clip_eot_id(wcfg)])
     if not rows: raise ValueError("texts is empty")
     L = max(map(len, rows))
     input_ids = torch.full((len(rows), L), tok.pad_token_id, dtype=torch.long)
     for i, r in enumerate(rows): input_ids[i, :len(r)] = torch.tensor(r)
-    return {"input_ids": input_ids, "attention_mask": (torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()}
+    return {"input_ids": input_ids,
+            "attention_mask": (torch.arange(L)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()}
 
 def clip_config(clip_cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPConfig:
     "A `CLIPConfig` whose vision tower is the VLM's and whose text tower reads the world's words."
     tok = _tokenizer(clip_cfg.world)
     eot = clip_eot_id(clip_cfg.world)
-    text = dict(vocab_size=eot + 1, hidden_size=clip_cfg.text_hidden, intermediate_size=2 * clip_cfg.text_hidden, num_hidden_layers=clip_cfg.text_layers,
-                num_attention_heads=clip_cfg.text_heads, max_position_embeddings=clip_cfg.max_text_len,
-                pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=eot)
-    return CLIPConfig(text_config=text, vision_config=vision_config(clip_cfg.vision).to_dict(), projection_dim=clip_cfg.embed_dim, logit_scale_init_value=clip_cfg.logit_scale_init)
+    text = dict(vocab_size=eot + 1, hidden_size=clip_cfg.text_hidden, intermediate_size=2 * clip_cfg.text_hidden,
+                num_hidden_layers=clip_cfg.text_layers, num_attention_heads=clip_cfg.text_heads,
+                max_position_embeddings=clip_cfg.max_text_len, pad_token_id=tok.pad_token_id, bos_token_id=None, eos_token_id=eot)
+    return CLIPConfig(text_config=text, vision_config=vision_config(clip_cfg.vision).to_dict(),
+                      projection_dim=clip_cfg.embed_dim, logit_scale_init_value=clip_cfg.logit_scale_init)
 
 def build_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig()) -> CLIPModel:
     "A freshly initialised tiny `CLIPModel`."
@@ -184,7 +194,8 @@ def train_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig(), # the model and it
     order = torch.cat([torch.randperm(len(scenes), generator=g)[: per_epoch * B] for _ in range(clip_cfg.epochs)]).view(steps, B)
     decay = [p for p in model.parameters() if p.ndim >= 2]  # weight matrices and embeddings
     rest = [p for p in model.parameters() if p.ndim < 2]  # gains, biases and the temperature
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": clip_cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=clip_cfg.lr)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": clip_cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=clip_cfg.lr)
     sched = get_cosine_schedule_with_warmup(opt, int(clip_cfg.warmup * steps), steps)
     hist, t0 = {"loss": [], "logit_scale": []}, time.time()
     model.train()
@@ -192,7 +203,8 @@ def train_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig(), # the model and it
     for step in bar:
         idx = order[step]
         image_embeds = model.get_image_features(pixel_values=pixels[idx]).pooler_output  # [B, embed_dim]
-        text_embeds = model.get_text_features(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx]).pooler_output
+        text_embeds = model.get_text_features(input_ids=text["input_ids"][idx],
+                                              attention_mask=text["attention_mask"][idx]).pooler_output
         loss = clip_loss(image_embeds, text_embeds, model.logit_scale)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_cfg.clip_grad)
@@ -202,13 +214,15 @@ def train_clip(clip_cfg: ClipTrainConfig = ClipTrainConfig(), # the model and it
         with torch.no_grad(): model.logit_scale.clamp_(max=clip_cfg.max_logit_scale)  # CLIP's clip: scale <= 100
         hist["loss"].append(loss.item())
         hist["logit_scale"].append(model.logit_scale.item())
-        if step % 20 == 0: bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}", scale=f"{math.exp(hist['logit_scale'][-1]):.1f}")
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}", scale=f"{math.exp(hist['logit_scale'][-1]):.1f}")
     hist["seconds"] = time.time() - t0
     return model.eval(), hist
 
 # %% ../nbs/01_clip.ipynb 34
 def clip_cache_key(clip_cfg: ClipTrainConfig) -> dict:
-    "The config as the cache sees it: the whole recipe (the VLM's language model is not in it, so changing that never retrains CLIP)."
+    """The config as the cache sees it: the whole recipe (the VLM's
+    language model is not in it, so changing that never retrains CLIP)."""
     return asdict(clip_cfg)
 
 def clip_model_path(clip_cfg: ClipTrainConfig = None, progress: bool = True) -> Path:
@@ -262,7 +276,8 @@ def retrieval_recall(sim: torch.Tensor, # [N, N] similarities, image i (row) mat
                      ks: tuple = (1, 5), # the k of recall@k
                     ) -> dict:
     "Recall@k both ways: the fraction of images whose caption is among their k most similar captions, and vice versa."
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]: raise ValueError(f"sim must be a square [N, N] matrix with matches on the diagonal, got {tuple(sim.shape)}")
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be a square [N, N] matrix with matches on the diagonal, got {tuple(sim.shape)}")
     gt = torch.arange(len(sim), device=sim.device)[:, None]
     out = {}
     for k in ks:
@@ -285,7 +300,8 @@ def zero_shot_scores(model: CLIPModel, # a trained CLIP
                     ) -> torch.Tensor:
     "[N, C] score of each image for each class, from the cosine similarities to the class's prompts."
     if reduce not in ("mean", "max"): raise ValueError(f"reduce must be 'mean' or 'max', not {reduce!r}")
-    if not prompts or any(not p for p in prompts.values()): raise ValueError("prompts must map every class name to a non-empty list of prompts")
+    if not prompts or any(not p for p in prompts.values()):
+        raise ValueError("prompts must map every class name to a non-empty list of prompts")
     cols = []
     for p in prompts.values():
         P = embed_texts(model, list(p), clip_cfg)  # [n_prompts, embed_dim]

@@ -38,16 +38,20 @@ __all__ = ['IMAGE_FORMATS', 'SCENE_KINDS', 'LABELS', 'SIDES', 'HUB_ID', 'CAPTION
 class DemoConfig:
     "The limits and defaults of the demo app."
     world: WorldConfig = WorldConfig()  # the world scenes are drawn from: the one the course's models learned
-    max_pixels: int = 4096 * 4096  # bigger uploads are refused before decoding: a 32 px model gains nothing, and 8000x8000 RGB is 192 MB
+    # bigger uploads are refused before decoding: a 32 px model gains nothing, and 8000x8000 RGB is 192 MB
+    max_pixels: int = 4096 * 4096
     max_prompt_chars: int = 200  # about 40 words; the tiny model has 128 positions, 16 of them for the image
     max_new_tokens: int = 40  # a 3-object caption is 27 tokens
     max_batch_scenes: int = 1000  # the Batch tab's ceiling, so that one click cannot hold the models (and their locks) for long
-    max_seed: int = 2**32 - 1  # seeds are unsigned 32-bit numbers: any larger is refused with a message, not sent back to a number box
+    # seeds are unsigned 32-bit numbers: any larger is refused with a message, not sent back to a number box
+    max_seed: int = 2**32 - 1
     display_scale: int = 8  # a 32 px scene is shown 8x, nearest-neighbour, so its shapes stay crisp
     kind: str = "counter"  # the default kind of new scene: counter-prior scenes are where the prior makes models invent objects
     max_file_size: str = "50mb"  # the server refuses larger uploads outright (Gradio's own limit)
-    cache_size: int = 4  # loaded models kept in memory for all visitors (least recently used goes first): a tiny model is ~1 MB, a 7B one 14 GB
-    disagreement_tries: int = 20  # 'Find a disagreement' draws at most this many scenes: about 1.5 s with the course's two tiny models
+    # loaded models kept in memory for all visitors (least recently used goes first): a tiny model is ~1 MB, a 7B one 14 GB
+    cache_size: int = 4
+    # 'Find a disagreement' draws at most this many scenes: about 1.5 s with the course's two tiny models
+    disagreement_tries: int = 20
 
 # %% ../nbs/13_demo.ipynb 9
 IMAGE_FORMATS = "PNG, JPEG, GIF, BMP or WebP"
@@ -71,7 +75,8 @@ def read_image(image, # a file path, or a PIL image of any mode
         try: img = Image.open(image)  # reads the header only
         except FileNotFoundError: raise FileNotFoundError(f"no file at {image}: upload the image again") from None
         except Image.DecompressionBombError as e:  # PIL refuses > 2 * MAX_IMAGE_PIXELS before we can look
-            raise ValueError(f"{name} is far too large ({e}); the limit is {max_pixels:,} pixels: shrink it and upload it again") from None
+            raise ValueError(f"{name} is far too large ({e}); the limit is {max_pixels:,} pixels: "
+                             "shrink it and upload it again") from None
         except (Image.UnidentifiedImageError, OSError):
             raise ValueError(f"{name} is not an image file that can be read: upload a {IMAGE_FORMATS} image") from None
     elif isinstance(image, Image.Image): img, name = image, "the image"
@@ -80,15 +85,18 @@ def read_image(image, # a file path, or a PIL image of any mode
     if w * h > max_pixels: raise ValueError(_too_big(w, h, max_pixels))
     try: img.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{name} could not be decoded ({str(e)[:120]}); it may be truncated or corrupted: upload a {IMAGE_FORMATS} image") from None
+        raise ValueError(f"{name} could not be decoded ({str(e)[:120]}); it may be truncated or corrupted: "
+                         f"upload a {IMAGE_FORMATS} image") from None
     return to_rgb(img)
 
 def is_world_image(img: Image.Image, # an RGB image
                    wcfg: WorldConfig = WorldConfig(), # the world the models know
                    max_scale: int = 16, # the largest whole-number enlargement still taken for a scene
-                   tolerance: int = 48, # how far (per channel) a pixel may be from the world's colours: a 256-colour palette copy is at most 42 away
+                   # how far (per channel) a pixel may be from the world's colours: a 256-colour palette copy is at most 42 away
+                   tolerance: int = 48,
                   ) -> bool:
-    "Whether `img` looks like a Shapes world scene: square, a whole multiple of the world's size, and (98% of it) the world's colours."
+    """Whether `img` looks like a Shapes world scene: square, a whole
+    multiple of the world's size, and (98% of it) the world's colours."""
     w, h = img.size
     if w != h or w % wcfg.image_size or w // wcfg.image_size > max_scale: return False
     palette = np.array([wcfg.background, *(COLOUR_RGB[c] for c in wcfg.colours)], dtype=np.int16)  # [K, 3]
@@ -104,7 +112,8 @@ def tidy_prompt(prompt, # the user's text
     if not isinstance(prompt, str): raise TypeError(f"the prompt must be text, got {type(prompt).__name__}")
     text = " ".join(re.sub(r"([?.!,])", r" \1 ", prompt).split())
     if not text: raise ValueError(f"the prompt is empty: type a question, e.g. '{CAPTION_PROMPT}'")
-    if len(text) > max_chars: raise ValueError(f"the prompt is {len(text)} characters long; the limit is {max_chars} characters: shorten it")
+    if len(text) > max_chars:
+        raise ValueError(f"the prompt is {len(text)} characters long; the limit is {max_chars} characters: shorten it")
     return text
 
 def unknown_words(processor, prompt: str) -> list:
@@ -131,9 +140,11 @@ def kind_help(wcfg: WorldConfig = WorldConfig()) -> dict:
     "What each kind of scene is, in words, from the world's partner pairs."
     with_ = " and ".join(f"a {a} comes with its {b}" for a, b in wcfg.partners)
     without = " or ".join(f"a {a} without a {b}" for a, b in wcfg.partners)
-    return {"prior": f"drawn as the models' training data was: partners nearly always together ({with_} {wcfg.prior_strength:.1%} of the time)",
+    return {"prior": f"drawn as the models' training data was: partners nearly always together ({with_} "
+                     f"{wcfg.prior_strength:.1%} of the time)",
             "typical": f"every partner present ({with_}): the prior is right, so the models should be too",
-            "counter": f"a partner missing ({without}): the prior is wrong here, which is where models invent the missing partner"}
+            "counter": f"a partner missing ({without}): the prior is wrong here, which is where models invent the "
+                       "missing partner"}
 
 def scene_truth(scene: Scene, wcfg: WorldConfig, seed: int = None) -> dict:
     "The ground truth the app shows for a scene: its true caption, seed, kind and objects."
@@ -144,12 +155,14 @@ def scene_from_truth(truth, wcfg: WorldConfig):
     if truth in (None, {}, ""): return None
     try:
         scene = Scene.from_dict(truth)
-        bad = sorted({o.shape for o in scene.objects} - set(wcfg.shapes)) + sorted({o.colour for o in scene.objects} - set(wcfg.colours))
+        bad = (sorted({o.shape for o in scene.objects} - set(wcfg.shapes))
+               + sorted({o.colour for o in scene.objects} - set(wcfg.colours)))
         if bad: raise ValueError(f"unknown words {bad}")
         if any(not 0 <= o.cell < wcfg.grid ** 2 for o in scene.objects): raise ValueError("a cell outside the grid")
         return scene
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"the ground truth is not a Shapes world scene ({type(e).__name__}: {e}): click 'Draw scene' to draw one") from None
+        raise ValueError(f"the ground truth is not a Shapes world scene ({type(e).__name__}: {e}): "
+                         "click 'Draw scene' to draw one") from None
 
 def truth_markdown(truth, wcfg: WorldConfig = WorldConfig()) -> str:
     "The ground truth as a reader wants it: the true caption first, then the objects, then the seed and what its kind means."
@@ -169,7 +182,8 @@ def check_seed(seed, # what the seed box or an API call sent
                max_seed: int = DemoConfig.max_seed, # the largest seed accepted
               ) -> int:
     "`seed` as an int, or a clear error for a missing, fractional, negative or too large one."
-    whole = isinstance(seed, (int, np.integer)) or (isinstance(seed, (float, np.floating)) and np.isfinite(seed) and float(seed).is_integer())
+    whole = isinstance(seed, (int, np.integer)) or (isinstance(seed, (float, np.floating)) and np.isfinite(seed)
+                                                    and float(seed).is_integer())
     if isinstance(seed, bool) or not whole or not 0 <= seed <= max_seed:
         big = isinstance(seed, (int, float, np.integer, np.floating)) and not isinstance(seed, bool) and abs(seed) >= 1e15
         shown = f"{float(seed):.3g}" if big and abs(seed) < 1e300 else repr(seed)[:40]
@@ -208,8 +222,10 @@ def answer_segments(text: str, # a model's answer
     if asked is not None:
         said, there = pope_answer(text), asked in truth
         word = _YES_NO.search(text.split(".", 1)[0])  # the word POPE's rule reads; an answer without one counts as 'yes'
-        label = "hallucinated" if said == "yes" and not there else "missed" if said == "no" and there else "in the scene" if there else None
-        if word and label and not any(s < word.end() and word.start() < e for s, e, _ in spans): spans.append((word.start(), word.end(), label))
+        label = ("hallucinated" if said == "yes" and not there else "missed" if said == "no" and there
+                 else "in the scene" if there else None)
+        if word and label and not any(s < word.end() and word.start() < e for s, e, _ in spans):
+            spans.append((word.start(), word.end(), label))
     out, pos = [], 0
     for start, end, label in sorted(spans):
         if start > pos: out.append((text[pos:start], None))
@@ -278,8 +294,11 @@ class Offer:
             if self.hub and Path(s).expanduser().exists(): raise ValueError("a local path, not a Hub id")
             return load_vlm(s, device=default_device())
         except (ValueError, FileNotFoundError, OSError, ImportError) as e:
-            if self.hub: raise ValueError(f"could not load {self.name!r} from the Hugging Face Hub: check the id, and that the server is online") from None
-            raise ValueError(f"the model {self.name!r} could not be loaded: " + _no_paths(str(e), s if isinstance(s, Path) else None, self.name)) from None
+            if self.hub:
+                raise ValueError(f"could not load {self.name!r} from the Hugging Face Hub: check the id, "
+                                 "and that the server is online") from None
+            raise ValueError(f"the model {self.name!r} could not be loaded: "
+                             + _no_paths(str(e), s if isinstance(s, Path) else None, self.name)) from None
 
 class ModelMenu:
     """The models visitors may choose, by name: the course's registry, the operator's own (`--left`, `--right`),
@@ -291,7 +310,8 @@ class ModelMenu:
         self.models_dir = None
         if models_dir is not None:
             self.models_dir = Path(models_dir).expanduser().resolve()
-            if not self.models_dir.is_dir(): raise FileNotFoundError(f"no folder at {models_dir}: pass --models-dir a folder of checkpoint folders")
+            if not self.models_dir.is_dir():
+                raise FileNotFoundError(f"no folder at {models_dir}: pass --models-dir a folder of checkpoint folders")
         self.allow_hub = allow_hub
         self.fixed = {e.name: Offer(e.name, f"{e.what} ({e.lesson})", e) for e in models().values()} | dict(extra or {})
         self._folders = {}
@@ -322,7 +342,8 @@ class ModelMenu:
             name = name.strip()
             if name in self.fixed: return self.fixed[name]
             if name in self._folders or name in self.folders(): return self._folders[name]
-            if self.allow_hub and HUB_ID.match(name) and ".." not in name: return Offer(name, "a Hugging Face Hub model", name, hub=True)
+            if self.allow_hub and HUB_ID.match(name) and ".." not in name:
+                return Offer(name, "a Hugging Face Hub model", name, hub=True)
         raise ValueError(self.refusal(name))
 
 # %% ../nbs/13_demo.ipynb 27
@@ -534,7 +555,8 @@ def metrics_chart(table: pd.DataFrame, # one row per metric ('metric' column), o
 
 # %% ../nbs/13_demo.ipynb 35
 def ground_both(sbs: SideBySide, image, truth, choice: dict = None) -> tuple:
-    "(left image, right image, markdown): each side's caption with its colour and shape words drawn where its point head puts them; no image for a model without a point head."
+    """(left image, right image, markdown): each side's caption with its colour and shape
+    words drawn where its point head puts them; no image for a model without a point head."""
     from .pixelllm import grounded_image
     img, _, note = sbs.image_and_truth(image, truth)
     words = sbs.cfg.world.colours + sbs.cfg.world.shapes
@@ -543,7 +565,8 @@ def ground_both(sbs: SideBySide, image, truth, choice: dict = None) -> tuple:
         m = sbs.model(sbs.choice(choice)[side])
         if getattr(m.model, "pixel_head", None) is None:
             pics.append(None)
-            lines.append(f"**{md_escape(title)}**: no point head, so its words have no place (PixelLLM's model, `10_pixelllm`, has one)")
+            lines.append(f"**{md_escape(title)}**: no point head, so its words have no place (PixelLLM's model, "
+                         "`10_pixelllm`, has one)")
             continue
         with m.lock: pic, text = grounded_image(m.model, m.processor, img, words=words, scale=sbs.cfg.display_scale)
         pics.append(pic)
@@ -553,7 +576,8 @@ def ground_both(sbs: SideBySide, image, truth, choice: dict = None) -> tuple:
 
 # %% ../nbs/13_demo.ipynb 37
 def image_input(**kw) -> gr.Image:
-    "A `gr.Image` that hands the handler a file path in the file's own mode, or a `RefusedUpload` saying why a file cannot be read."
+    """A `gr.Image` that hands the handler a file path in the file's
+    own mode, or a `RefusedUpload` saying why a file cannot be read."""
     box = gr.Image(type="filepath", image_mode=None, **kw)
     plain = box.preprocess  # Gradio's own: opens the file's header with PIL, which fails on a non-image
     def preprocess(payload):
@@ -573,7 +597,8 @@ def message_html(text: str = "", # the message; empty clears the box
     "An inline message for the `gr.HTML` box beside a control, HTML-escaped so it shows exactly as written."
     if not text: return ""
     colour, icon, role = ("#b42318", "⚠ ", "alert") if kind == "error" else ("#175cd3", "", "status")
-    return f'<div class="vlm-{kind}" role="{role}" style="color:{colour};font-weight:600;margin:2px 0">{icon}{html.escape(str(text))}</div>'
+    return (f'<div class="vlm-{kind}" role="{role}" style="color:{colour};font-weight:600;margin:2px 0">'
+            f'{icon}{html.escape(str(text))}</div>')
 
 def _error_text(e: Exception) -> str: return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
@@ -593,7 +618,7 @@ DEFAULT_PROMPTS = (CAPTION_PROMPT, "is there a circle in the image ?", "is there
                    "how many objects are there ?", "what colour is the triangle ?", "where is the diamond ?")
 
 # %% ../nbs/13_demo.ipynb 38
-def build_app(left=None, # None: the course's base model; or a course model's name, a checkpoint folder, a Hub id, a (model, processor) pair
+def build_app(left=None, # None: the base model; a course model's name, a checkpoint folder, a Hub id or a (model, processor) pair
               right=None, # None: the course's best aligned model; or as `left`
               demo_cfg: DemoConfig = DemoConfig(), # limits and defaults
               models_dir=None, # also offer visitors the checkpoint folders under this folder
@@ -659,15 +684,19 @@ def build_app(left=None, # None: the course's base model; or a course model's na
     def on_visit(choice):  # each visitor's own labels and status, and the menu as it is now
         n, items = sbs.names(choice), menu()
         return (sbs.status(choice), gr.update(label=n["left"]), gr.update(label=n["right"]),
-                gr.update(choices=items, value=sbs.choice(choice)["left"]), gr.update(choices=items, value=sbs.choice(choice)["right"]))
+                gr.update(choices=items, value=sbs.choice(choice)["left"]),
+                gr.update(choices=items, value=sbs.choice(choice)["right"]))
 
     hub = " Type a Hugging Face Hub id (owner/name) to load one from the Hub." if allow_hub else ""
     with gr.Blocks(title="vlmcourse: side-by-side hallucination check", analytics_enabled=False) as app:
         app.side_by_side, app.first_seed = sbs, first_seed  # for tests and notebooks; `serve` sets the first seed
         choice = gr.State(dict(sbs.default))  # this visitor's two models, by name: never shared with another session
-        gr.Markdown(f"## Side by side: does the model see it, or guess it?\nTwo models answer the same question about the same image. "
-                    f"In a Shapes world scene, every object a model names is marked: green when it is in the scene, red when the model invented it; "
-                    f"a *yes* to *is there a ...?* about an absent object is red too, and a *no* about a present one orange (missed). "
+        gr.Markdown(f"## Side by side: does the model see it, or guess it?\nTwo models answer the same question "
+                    f"about the same image. "
+                    f"In a Shapes world scene, every object a model names is marked: green when it is in the scene, "
+                    f"red when the model invented it; "
+                    f"a *yes* to *is there a ...?* about an absent object is red too, and a *no* about a present one "
+                    f"orange (missed). "
                     f"The objects the models know: {objects}. They have only ever seen 32-pixel Shapes world scenes.")
         with gr.Row():
             with gr.Column(scale=1):
@@ -687,14 +716,17 @@ def build_app(left=None, # None: the course's base model; or a course model's na
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Ask", id="ask"):
-                        prompt = gr.Textbox(CAPTION_PROMPT, label=f"prompt (at most {demo_cfg.max_prompt_chars} characters)", elem_id="prompt")
+                        prompt = gr.Textbox(CAPTION_PROMPT,
+                                            label=f"prompt (at most {demo_cfg.max_prompt_chars} characters)", elem_id="prompt")
                         gr.Examples([[p] for p in DEFAULT_PROMPTS], inputs=prompt, label="prompts to try")
                         with gr.Row():
                             ask_btn = gr.Button("Ask both models", variant="primary", elem_id="ask", scale=1)
                             ask_msg = gr.HTML(elem_id="ask-msg")
                         with gr.Row():
-                            out_l = gr.HighlightedText(label=names["left"], color_map=LABELS, show_legend=True, elem_id="answer-left")
-                            out_r = gr.HighlightedText(label=names["right"], color_map=LABELS, show_legend=True, elem_id="answer-right")
+                            out_l = gr.HighlightedText(label=names["left"], color_map=LABELS, show_legend=True,
+                                                       elem_id="answer-left")
+                            out_r = gr.HighlightedText(label=names["right"], color_map=LABELS, show_legend=True,
+                                                       elem_id="answer-right")
                         verdict_md = gr.Markdown(elem_id="verdict")
                     with gr.Tab("Probe", id="probe"):
                         gr.Markdown("POPE's question, *is there a ... in the image ?*, for every object the models know. "
@@ -706,16 +738,19 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                         probe_md = gr.Markdown(elem_id="probe-summary")
                     with gr.Tab("Batch", id="batch"):
                         gr.Markdown("CHAIR on the models' captions and POPE on their yes/no answers, over new scenes "
-                                    "(CHAIR: lower is better; POPE: higher is better, and a yes-ratio near the share of true yes).")
+                                    "(CHAIR: lower is better; POPE: higher is better, and a yes-ratio near the share "
+                                    "of true yes).")
                         with gr.Row():
-                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {demo_cfg.max_batch_scenes})", elem_id="batch-n")
+                            b_n = gr.Number(50, precision=0, label=f"scenes (1 to {demo_cfg.max_batch_scenes})",
+                                            elem_id="batch-n")
                             b_seed = gr.Number(2000, precision=0, label="seed", elem_id="batch-seed")
                             b_kind = gr.Dropdown(list(SCENE_KINDS), value=demo_cfg.kind, label="kind", info=kind_info)
                             b_split = gr.Dropdown(list(POPE_SPLITS), value="adversarial", label="POPE split")
                         with gr.Row():
                             batch_btn = gr.Button("Measure both models", variant="primary", elem_id="batch")
                             batch_msg = gr.HTML(elem_id="batch-msg")
-                        batch_table = gr.Dataframe(label="metrics (one row each; values rounded to 3 places)", interactive=False, wrap=True, elem_id="batch-table")
+                        batch_table = gr.Dataframe(label="metrics (one row each; values rounded to 3 places)",
+                                                   interactive=False, wrap=True, elem_id="batch-table")
                         batch_plot = gr.Plot(label="metrics", elem_id="batch-plot")
                     with gr.Tab("Ground", id="ground"):
                         gr.Markdown("Each model's caption, with every colour and shape word drawn where the model places it: "
@@ -729,7 +764,9 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                         ground_md = gr.Markdown(elem_id="ground-summary")
                     with gr.Tab("Models", id="models") as models_tab:
                         gr.Markdown("Choose the model on each side. The choice is yours only: other visitors keep theirs. "
-                                    "The models on offer:\n\n" + "\n".join(f"- **{md_escape(o.name)}**: {md_escape(o.what)}" for o in sbs.menu.offers().values())
+                                    "The models on offer:\n\n"
+                                    + "\n".join(f"- **{md_escape(o.name)}**: {md_escape(o.what)}"
+                                                for o in sbs.menu.offers().values())
                                     + ("\n\nand any Hugging Face Hub id (owner/name)." if allow_hub else ""))
                         status = gr.Markdown(sbs.status(), elem_id="status")
                         with gr.Row():
@@ -739,20 +776,26 @@ def build_app(left=None, # None: the course's base model; or a course model's na
                                 use_l = gr.Button("Use on the left", elem_id="load-left")
                                 msg_l = gr.HTML(elem_id="models-msg-left")
                             with gr.Column():
-                                dd_r = gr.Dropdown(menu(), value=sbs.default["right"], label="right model", allow_custom_value=True,
-                                                   info="a model from the list." + hub, elem_id="source-right")
+                                dd_r = gr.Dropdown(menu(), value=sbs.default["right"], label="right model",
+                                                   allow_custom_value=True, info="a model from the list." + hub,
+                                                   elem_id="source-right")
                                 use_r = gr.Button("Use on the right", elem_id="load-right")
                                 msg_r = gr.HTML(elem_id="models-msg-right")
 
         scene_out = [image, truth, truth_md, seed, scene_msg]
         app.load(on_first, None, scene_out[:4], api_visibility="private")
         app.load(on_visit, choice, [status, out_l, out_r, dd_l, dd_r], api_visibility="private")
-        draw_btn.click(on_scene, [seed, kind], scene_out, api_name="new_scene").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
-        seed.submit(on_scene, [seed, kind], scene_out, api_visibility="private").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
-        next_btn.click(on_next, [seed, kind], scene_out, api_name="next_scene").then(clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
-        find_btn.click(on_find, [seed, prompt, choice], [image, truth, truth_md, seed, kind, out_l, out_r, verdict_md, scene_msg], api_name="find_disagreement")
+        draw_btn.click(on_scene, [seed, kind], scene_out, api_name="new_scene").then(
+            clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        seed.submit(on_scene, [seed, kind], scene_out, api_visibility="private").then(
+            clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        next_btn.click(on_next, [seed, kind], scene_out, api_name="next_scene").then(
+            clear_answers, scene_msg, [out_l, out_r, verdict_md], api_visibility="private")
+        find_btn.click(on_find, [seed, prompt, choice],
+                       [image, truth, truth_md, seed, kind, out_l, out_r, verdict_md, scene_msg], api_name="find_disagreement")
         for ev in (image.upload, image.clear):
-            ev(lambda: (None, truth_markdown(None), None, None, "", ""), None, [truth, truth_md, out_l, out_r, verdict_md, scene_msg], api_visibility="private")
+            ev(lambda: (None, truth_markdown(None), None, None, "", ""), None,
+               [truth, truth_md, out_l, out_r, verdict_md, scene_msg], api_visibility="private")
         ask_btn.click(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_name="ask")
         prompt.submit(on_ask, [image, truth, prompt, choice], [out_l, out_r, verdict_md, ask_msg], api_visibility="private")
         ground_btn.click(on_ground, [image, truth, choice], [ground_l, ground_r, ground_md, ground_msg], api_name="ground")
@@ -789,14 +832,18 @@ def serve(left=None, # the left model: a course model's name, a checkpoint folde
           models_dir=None, # offer visitors the checkpoint folders under this folder too (besides the course's models)
           allow_hub: bool = False, # let visitors type Hugging Face Hub ids
          ):
-    "Load both default models (training them on first use), find a first scene where they differ, then serve the app until interrupted."
+    """Load both default models (training them on first use), find a first
+    scene where they differ, then serve the app until interrupted."""
     app = build_app(left, right, models_dir=models_dir, allow_hub=allow_hub)
     sbs = app.side_by_side
     for side, name in sbs.default.items():
-        print(f"{side}: loading {name}" + (" (trained on first use: a few minutes, once)" if name in models() else ""), flush=True)
+        print(f"{side}: loading {name}"
+              + (" (trained on first use: a few minutes, once)" if name in models() else ""), flush=True)
         sbs.model(name)
     print(sbs.status().replace("**", "").replace("\\", "").replace("  \n", "\n"), flush=True)
     s, tried, found = sbs.disagreement(CAPTION_PROMPT, 0)
     app.first_seed = s if found else 0
-    print(f"first scene: seed {app.first_seed} (" + (f"the models' captions differ; {tried} scenes tried)" if found else f"no disagreement in {tried} scenes)"), flush=True)
+    print(f"first scene: seed {app.first_seed} ("
+          + (f"the models' captions differ; {tried} scenes tried)" if found else f"no disagreement in {tried} scenes)"),
+          flush=True)
     return launch_app(app, host, port, share, block=True)

@@ -24,7 +24,8 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 def _check_logps(**named):
     for k, v in named.items():
-        if v is not None and not isinstance(v, torch.Tensor): raise TypeError(f"{k} must be a torch.Tensor of shape [B], not {type(v).__name__}")
+        if v is not None and not isinstance(v, torch.Tensor):
+            raise TypeError(f"{k} must be a torch.Tensor of shape [B], not {type(v).__name__}")
     shapes = {k: tuple(v.shape) for k, v in named.items() if v is not None}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
@@ -40,15 +41,20 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, # [B] log pi(y_c|x): the chosen 
              chosen_lengths: torch.Tensor = None, # [B] answer tokens of y_c; 'ipo' divides the log-ratios by them, as TRL does
              rejected_lengths: torch.Tensor = None, # [B] answer tokens of y_r
             ) -> tuple:
-    "Per-pair DPO losses (Rafailov et al. 2023, eq. 7, or a variant) and the implicit rewards: `(losses, chosen_rewards, rejected_rewards)`, each [B]."
-    _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps, ref_chosen_logps=ref_chosen_logps,
-                 ref_rejected_logps=ref_rejected_logps, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    """Per-pair DPO losses (Rafailov et al. 2023, eq. 7, or a variant) and the
+    implicit rewards: `(losses, chosen_rewards, rejected_rewards)`, each [B]."""
+    _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     if loss_type not in DPO_LOSS_TYPES: raise ValueError(f"unknown loss_type {loss_type!r}: use one of {DPO_LOSS_TYPES}")
     if not beta > 0: raise ValueError(f"beta must be positive, got {beta}")
-    if not 0 <= label_smoothing < 0.5: raise ValueError(f"label_smoothing is a flip probability in [0, 0.5), got {label_smoothing}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing is a flip probability in [0, 0.5), got {label_smoothing}")
     if label_smoothing and loss_type != "robust":
-        raise ValueError(f"label_smoothing is used by loss_type='robust' only (TRL 1.16 ignores it for {loss_type!r}); use loss_type='robust'")
-    if (chosen_lengths is None) != (rejected_lengths is None): raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+        raise ValueError("label_smoothing is used by loss_type='robust' only (TRL 1.16 ignores it for "
+                         f"{loss_type!r}); use loss_type='robust'")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B] log pi/ref of y_c
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
     h = beta * (chosen_logratios - rejected_logratios)  # [B] r_c - r_r, the reward margin
@@ -74,13 +80,15 @@ def preference_dataset(images: list, # PIL images, one per pair
                        rejected: list, # the dispreferred answers
                        source=None, # where the pairs came from: one string for all, a list of strings, or None (no column)
                       ):
-    "Preference pairs as a `datasets.Dataset` in TRL's conversational vision format: `images`, `prompt`, `chosen`, `rejected` (and `source`)."
+    """Preference pairs as a `datasets.Dataset` in TRL's conversational vision
+    format: `images`, `prompt`, `chosen`, `rejected` (and `source`)."""
     from datasets import Dataset, Features, Image as HFImage, List, Value
     if isinstance(images, Image.Image): raise TypeError("images must be a list of PIL images, one per pair")
     for xs, what in ((questions, "questions"), (chosen, "chosen"), (rejected, "rejected")): check_texts(xs, what)
     n = len(images)
     if not (len(questions) == len(chosen) == len(rejected) == n):
-        raise ValueError(f"got {n} images, {len(questions)} questions, {len(chosen)} chosen and {len(rejected)} rejected answers: pass one of each per pair")
+        raise ValueError(f"got {n} images, {len(questions)} questions, {len(chosen)} chosen and {len(rejected)} "
+                         "rejected answers: pass one of each per pair")
     msg = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
     cols = {"images": [[to_rgb(i)] for i in images], "prompt": [_turn("user", q, image=True) for q in questions],
             "chosen": [_turn("assistant", a) for a in chosen], "rejected": [_turn("assistant", a) for a in rejected]}
@@ -101,11 +109,14 @@ def unpack_pairs(pairs):
     "(images, questions, chosen, rejected) from a single-turn preference Dataset in TRL's vision format."
     need = {"images", "prompt", "chosen", "rejected"}
     cols = set(getattr(pairs, "column_names", None) or [])
-    if not need <= cols: raise ValueError(f"pairs must be a datasets.Dataset with columns {sorted(need)} (see preference_dataset); got {sorted(cols)}")
+    if not need <= cols:
+        raise ValueError(f"pairs must be a datasets.Dataset with columns {sorted(need)} (see preference_dataset); "
+                         f"got {sorted(cols)}")
     out = ([], [], [], [])
     for k, (imgs, p, c, r) in enumerate(zip(pairs["images"], pairs["prompt"], pairs["chosen"], pairs["rejected"])):
         if len(imgs) != 1: raise ValueError(f"pair {k} has {len(imgs)} images: dpo_train takes exactly one image per pair")
-        if len(p) != 1 or p[0]["role"] != "user": raise ValueError(f"pair {k}: the prompt must be one user turn (an image and a question)")
+        if len(p) != 1 or p[0]["role"] != "user":
+            raise ValueError(f"pair {k}: the prompt must be one user turn (an image and a question)")
         for turn, what in ((c, "chosen"), (r, "rejected")):
             if len(turn) != 1 or turn[0]["role"] != "assistant": raise ValueError(f"pair {k}: {what} must be one assistant turn")
         for lst, v in zip(out, (imgs[0], _text(p[0]["content"]), _text(c[0]["content"]), _text(r[0]["content"]))): lst.append(v)
@@ -132,10 +143,13 @@ def answer_lengths(batch: dict) -> torch.Tensor:
 def for_trl(pairs, # preference pairs from `preference_dataset`
             processor, # the model's processor
            ):
-    "The pairs as TRL's `DPOTrainer` must see them to score the same tokens as `dpo_train`: each answer closed by the end-of-sequence token."
+    """The pairs as TRL's `DPOTrainer` must see them to score the same tokens
+    as `dpo_train`: each answer closed by the end-of-sequence token."""
     if template_closes_turns(processor): return pairs  # the course's template, Qwen2-VL's, SmolVLM's
     eos = processor.tokenizer.eos_token
-    def close(turns): return [{**t, "content": [{**p, "text": f"{p['text']} {eos}"} if p["type"] == "text" else p for p in t["content"]]} for t in turns]
+    def close(turns):
+        return [{**t, "content": [{**p, "text": f"{p['text']} {eos}"} if p["type"] == "text" else p
+                                  for p in t["content"]]} for t in turns]
     return pairs.map(lambda ex: {"chosen": close(ex["chosen"]), "rejected": close(ex["rejected"])})
 
 # %% ../nbs/05_dpo.ipynb 38
@@ -143,7 +157,8 @@ def for_trl(pairs, # preference pairs from `preference_dataset`
 class DPOTrainConfig:
     "How `dpo_train` trains: DPO's hyper-parameters and the optimiser's."
     beta: float = 0.1  # KL strength: the paper's default; larger keeps the policy closer to the reference
-    lr: float = 5e-5  # peak learning rate, far below SFT's (the base trained at 1.5e-3): DPO reorders answers the model can already say
+    # peak learning rate, far below SFT's (the base trained at 1.5e-3): DPO reorders answers the model can already say
+    lr: float = 5e-5
     epochs: int = 2  # passes over the pairs
     batch_size: int = 16  # pairs per step; one forward sees 2x as many sequences (chosen and rejected together)
     loss_type: str = "sigmoid"  # one of DPO_LOSS_TYPES: 'sigmoid' is DPO (eq. 7)
@@ -154,12 +169,15 @@ class DPOTrainConfig:
     seed: int = 0  # the order of the pairs
 
     def __post_init__(self):
-        if self.loss_type not in DPO_LOSS_TYPES: raise ValueError(f"unknown loss_type {self.loss_type!r}: use one of {DPO_LOSS_TYPES}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}: use one of {DPO_LOSS_TYPES}")
         if not self.beta > 0: raise ValueError(f"beta must be positive, got {self.beta}")
         if not self.lr > 0: raise ValueError(f"lr must be positive, got {self.lr}")
         if self.epochs < 1 or self.batch_size < 1: raise ValueError("epochs and batch_size must be at least 1")
-        if not 0 <= self.label_smoothing < 0.5: raise ValueError(f"label_smoothing is a flip probability in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "robust": raise ValueError("label_smoothing is used by loss_type='robust' only")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing is a flip probability in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError("label_smoothing is used by loss_type='robust' only")
         if self.sft_weight < 0: raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if not 0 <= self.warmup < 1: raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -169,11 +187,13 @@ def trl_dpo_config(dpo_cfg: DPOTrainConfig, # the course's config
                   ):
     "TRL's `DPOConfig` with `dpo_cfg`'s hyper-parameters and `train_loop`'s optimiser settings, for like-for-like comparisons."
     from trl import DPOConfig
-    kw = dict(output_dir=str(output_dir), beta=dpo_cfg.beta, loss_type=[dpo_cfg.loss_type], label_smoothing=dpo_cfg.label_smoothing,
-              learning_rate=dpo_cfg.lr, num_train_epochs=dpo_cfg.epochs, per_device_train_batch_size=dpo_cfg.batch_size, seed=dpo_cfg.seed,
-              lr_scheduler_type="cosine", warmup_steps=dpo_cfg.warmup, max_grad_norm=dpo_cfg.clip_grad, weight_decay=0.0,
+    kw = dict(output_dir=str(output_dir), beta=dpo_cfg.beta, loss_type=[dpo_cfg.loss_type],
+              label_smoothing=dpo_cfg.label_smoothing, learning_rate=dpo_cfg.lr, num_train_epochs=dpo_cfg.epochs,
+              per_device_train_batch_size=dpo_cfg.batch_size, seed=dpo_cfg.seed, lr_scheduler_type="cosine",
+              warmup_steps=dpo_cfg.warmup, max_grad_norm=dpo_cfg.clip_grad, weight_decay=0.0,
               bf16=False,  # TRL's default is bf16, which on a CPU runs the forward in bfloat16 autocast
-              activation_checkpointing=False,  # TRL turns it on (as gradient_checkpointing): recomputing activations costs time, saves nothing here
+              # TRL turns it on (as gradient_checkpointing): recomputing activations costs time, saves nothing here
+              activation_checkpointing=False,
               logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available())
     if dpo_cfg.sft_weight: kw.update(loss_type=[dpo_cfg.loss_type, "sft"], loss_weights=[1.0, dpo_cfg.sft_weight])
     kw.update(overrides)
@@ -186,16 +206,19 @@ def encode_pairs(processor, # a LLaVA-style processor
                  chosen: list, # the preferred answers
                  rejected: list, # the dispreferred answers
                 ) -> dict:
-    "Each pair's prefix (image and prompt, padded on the left) once, and its two answers (padded on the right): `answer_ids` [n, 2, A]."
+    """Each pair's prefix (image and prompt, padded on the left) once,
+    and its two answers (padded on the right): `answer_ids` [n, 2, A]."""
     check_texts(questions, "questions")
     check_texts(chosen, "chosen")
     check_texts(rejected, "rejected")
     if not len(images) == len(questions) == len(chosen) == len(rejected):
-        raise ValueError(f"need one image, question, chosen and rejected answer per pair: got {len(images)}, {len(questions)}, {len(chosen)}, {len(rejected)}")
+        raise ValueError(f"need one image, question, chosen and rejected answer per pair: got {len(images)}, "
+                         f"{len(questions)}, {len(chosen)}, {len(rejected)}")
     tok = processor.tokenizer
     splits = [(split_exchange(processor, q, c), split_exchange(processor, q, r)) for q, c, r in zip(questions, chosen, rejected)]
     if any(pc != pr for (pc, _), (pr, _) in splits):  # as `sft_batch` cuts each exchange into prompt and completion
-        raise ValueError("under this chat template a pair's two exchanges do not share the prompt's text: score them whole with sequence_logps")
+        raise ValueError("under this chat template a pair's two exchanges do not share the prompt's text: "
+                         "score them whole with sequence_logps")
     enc = processor(text=[pc for (pc, _), _ in splits], images=[to_rgb(i) for i in images], return_tensors="pt",
                     padding=True, padding_side="left")
     ids = tok([c for (_, c), _ in splits] + [r for _, (_, r) in splits], add_special_tokens=False)["input_ids"]
@@ -221,7 +244,8 @@ def pair_logps(model, # a LLaVA-style VLM
     positions = pm.sum(1).repeat_interleave(2)[:, None] + torch.arange(A, device=pm.device)[None]
     out2 = model(input_ids=answers, attention_mask=torch.cat([pm.repeat_interleave(2, 0), am], 1), position_ids=positions,
                  cache=cache, use_cache=False)
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), out2.logits[:, :-1]], 1).float()  # [2n, A, V]: column j predicts answer token j
+    # [2n, A, V]: column j predicts answer token j
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, 0), out2.logits[:, :-1]], 1).float()
     token_logps = torch.gather(logits.log_softmax(-1), 2, answers.unsqueeze(-1)).squeeze(-1)
     logps = (token_logps * am).sum(1).view(-1, 2)
     return logps[:, 0], logps[:, 1]
@@ -231,13 +255,16 @@ def _take(enc, idx, n):
     "Rows of the pairs `idx` (chosen rows, then rejected rows) from an encoding of 2n sequences, trimmed of shared padding."
     both = torch.cat([idx, idx + n])
     T = int(enc["attention_mask"][both].sum(1).max())  # sft_batch pads on the right
-    return {k: (v[both, :T] if k in ("input_ids", "attention_mask", "labels", "token_type_ids") else v[both]) for k, v in enc.items()}
+    return {k: (v[both, :T] if k in ("input_ids", "attention_mask", "labels", "token_type_ids") else v[both])
+            for k, v in enc.items()}
 
 def _take_pairs(enc, idx):
-    "The pairs `idx` of an `encode_pairs` encoding, trimmed of the padding they all share (prefixes on the left, answers on the right)."
+    """The pairs `idx` of an `encode_pairs` encoding, trimmed of the
+    padding they all share (prefixes on the left, answers on the right)."""
     P, A = int(enc["prompt_mask"][idx].sum(1).max()), int(enc["answer_mask"][idx].sum(-1).max())
-    return dict(prompt_ids=enc["prompt_ids"][idx, -P:], prompt_mask=enc["prompt_mask"][idx, -P:], pixel_values=enc["pixel_values"][idx],
-                answer_ids=enc["answer_ids"][idx, :, :A], answer_mask=enc["answer_mask"][idx, :, :A])
+    return dict(prompt_ids=enc["prompt_ids"][idx, -P:], prompt_mask=enc["prompt_mask"][idx, -P:],
+                pixel_values=enc["pixel_values"][idx], answer_ids=enc["answer_ids"][idx, :, :A],
+                answer_mask=enc["answer_mask"][idx, :, :A])
 
 def _to(batch, device, dtype):
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
@@ -253,7 +280,8 @@ def dpo_train(model, # the policy, trained in place
               ref_model=None, # the reference; default: the model's initial state
               progress: bool = True,
              ) -> dict:
-    "Train `model` with DPO on `pairs`, the reference's log-probabilities computed once per pair; returns the history of every step."
+    """Train `model` with DPO on `pairs`, the reference's log-probabilities
+    computed once per pair; returns the history of every step."""
     if not isinstance(dpo_cfg, DPOTrainConfig): raise TypeError(f"dpo_cfg must be a DPOTrainConfig, not {type(dpo_cfg).__name__}")
     images, questions, chosen, rejected = unpack_pairs(pairs)
     n, bs, t0 = len(questions), dpo_cfg.batch_size, time.time()
@@ -284,17 +312,20 @@ def dpo_train(model, # the policy, trained in place
     hist = {k: [] for k in ("dpo_loss", "sft_loss", "reward_accuracy", "margin", "chosen_reward", "rejected_reward")}
     def make_batch(step):
         idx = batch_index(step)
-        return dict(inputs=_to(take(idx), param.device, param.dtype), ref=ref_logps[idx].to(param.device), lengths=lengths[idx].to(param.device))
+        return dict(inputs=_to(take(idx), param.device, param.dtype), ref=ref_logps[idx].to(param.device),
+                    lengths=lengths[idx].to(param.device))
     def loss_fn(model, batch):
         pc, pr = logps(model, batch["inputs"])  # [B] each
         (rc, rr), (lc, lr) = batch["ref"].unbind(1), batch["lengths"].unbind(1)
         losses, cr, rjr = dpo_loss(pc, pr, rc, rr, dpo_cfg.beta, dpo_cfg.loss_type, dpo_cfg.label_smoothing, lc, lr)
         sft = -pc.sum() / lc.sum()  # mean per-token NLL of the chosen answers
         loss = losses.mean() + dpo_cfg.sft_weight * sft if dpo_cfg.sft_weight else losses.mean()
-        for k, v in (("dpo_loss", losses.mean()), ("sft_loss", sft), ("reward_accuracy", (cr > rjr).float().mean()), ("margin", (cr - rjr).mean()),
-                     ("chosen_reward", cr.mean()), ("rejected_reward", rjr.mean())): hist[k].append(v.item())
+        for k, v in (("dpo_loss", losses.mean()), ("sft_loss", sft), ("reward_accuracy", (cr > rjr).float().mean()),
+                     ("margin", (cr - rjr).mean()), ("chosen_reward", cr.mean()),
+                     ("rejected_reward", rjr.mean())): hist[k].append(v.item())
         return loss
     torch.manual_seed(dpo_cfg.seed)
-    hist["loss"] = train_loop(model, make_batch, steps, dpo_cfg.lr, dpo_cfg.warmup, dpo_cfg.clip_grad, desc="DPO", loss_fn=loss_fn, progress=progress)
+    hist["loss"] = train_loop(model, make_batch, steps, dpo_cfg.lr, dpo_cfg.warmup, dpo_cfg.clip_grad, desc="DPO",
+                              loss_fn=loss_fn, progress=progress)
     hist.update(ref_seconds=ref_seconds, seconds=time.time() - t0, pairs=n, steps=steps)
     return hist

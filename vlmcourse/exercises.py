@@ -25,7 +25,8 @@ def check(answer, # the learner's function
           expected, # a function giving the right result for the same arguments (the lesson's own code), or a list of results
           tol: float = 1e-6, # tolerance for floats
          ) -> bool:
-    "Call `answer` on every case and compare with `expected`; print one line: right, the first case it gets wrong, or not attempted yet."
+    """Call `answer` on every case and compare with `expected`; print one
+    line: right, the first case it gets wrong, or not attempted yet."""
     if not callable(answer): raise TypeError(f"pass your function itself (no parentheses), not {type(answer).__name__}")
     want = [expected(*c) for c in cases] if callable(expected) else list(expected)
     if len(want) != len(cases): raise ValueError(f"{len(cases)} cases but {len(want)} expected results")

@@ -37,10 +37,12 @@ def pope_metrics(answers: list, # the model's free-text replies, one per probe
                  strict: bool = False, # read replies with POPE's exact rule (`pope_answer(..., strict=True)`)
                 ) -> dict:
     "POPE's accuracy, precision, recall, F1 and yes-ratio, with 'yes' as the positive class."
-    if isinstance(answers, str) or isinstance(labels, str): raise TypeError("answers and labels must be lists of strings, not one string")
+    if isinstance(answers, str) or isinstance(labels, str):
+        raise TypeError("answers and labels must be lists of strings, not one string")
     answers, labels = list(answers), list(labels)
     if not answers: raise ValueError("no answers to score: pass at least one (reply, label) pair")
-    if len(answers) != len(labels): raise ValueError(f"{len(answers)} answers but {len(labels)} labels: pass one label per answer")
+    if len(answers) != len(labels):
+        raise ValueError(f"{len(answers)} answers but {len(labels)} labels: pass one label per answer")
     bad = sorted({repr(l) for l in labels if l not in ("yes", "no")})
     if bad: raise ValueError(f"labels must be 'yes' or 'no', got {', '.join(bad[:5])}")
     pred = np.array([pope_answer(a, strict) == "yes" for a in answers])
@@ -60,7 +62,9 @@ def _check_truth(truth, objects):
         raise TypeError(f"a truth must be a set of object words such as {{'circle', 'square'}}, got {truth!r}")
     truth = {t.lower() for t in truth}
     unknown = truth - set(objects)
-    if unknown: raise ValueError(f"truth names {sorted(unknown)}, which are not in objects {list(objects)}: use the singular object words")
+    if unknown:
+        raise ValueError(f"truth names {sorted(unknown)}, which are not in objects {list(objects)}: "
+                         "use the singular object words")
     return truth
 
 def highlight_hallucinations(text: str, # a caption or answer
@@ -80,7 +84,8 @@ def chair(captions: list, # generated captions, one per image
     if isinstance(captions, str): raise TypeError("captions must be a list of strings, not one string")
     captions, truths, objects = list(captions), list(truths), object_words(objects)
     if not captions: raise ValueError("no captions to score: pass at least one caption")
-    if len(captions) != len(truths): raise ValueError(f"{len(captions)} captions but {len(truths)} truths: pass one set of objects per caption")
+    if len(captions) != len(truths):
+        raise ValueError(f"{len(captions)} captions but {len(truths)} truths: pass one set of objects per caption")
     per_caption = []
     for cap, truth in zip(captions, truths):
         truth = _check_truth(truth, objects)
@@ -183,7 +188,8 @@ def base_figures(answer, # answer(images, questions) -> replies
     out = {"typical exact": evaluate_captions(answer, typical, wcfg)["exact"]}
     out |= {f"typical POPE {s}": evaluate_pope(answer, typical, wcfg, s)["accuracy"] for s in POPE_SPLITS}
     rng = random.Random(f"{seed}-attributes")
-    asked = [(k, qa) for k, s in enumerate(typical) for qa in questions(s, wcfg, rng)[-3:]]  # colour, position, count of each scene
+    # colour, position, count of each scene
+    asked = [(k, qa) for k, s in enumerate(typical) for qa in questions(s, wcfg, rng)[-3:]]
     images = [render(s, wcfg) for s in typical]
     replies = _ask(answer, [images[k] for k, _ in asked], [q for _, (q, _) in asked])
     right = np.array([r == a for r, (_, (_, a)) in zip(replies, asked)]).reshape(len(typical), 3)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor, InstructBlipQFormerConfig,
-                          InstructBlipVisionConfig)
+from transformers import (InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
+                          InstructBlipQFormerConfig, InstructBlipVisionConfig)
 
 from .cache import cached_artifact
 from .registry import ModelEntry, register
-from .world import CAPTION_PROMPT, NUMBER_WORDS, Scene, ShapeObject, WorldConfig, build_tokenizer, caption, render, sample_scenes
+from .world import (CAPTION_PROMPT, NUMBER_WORDS, Scene, ShapeObject, WorldConfig, build_tokenizer, caption,
+                             render, sample_scenes)
 from .clip import ClipTrainConfig, VisionTowerConfig, clip_vision_state_dict, image_processor, to_rgb
 from .llava import (BaseTrainConfig, check_texts, load_vlm, pack_examples, save_vlm, text_prompt, text_stage_vlm,
                              train_loop, training_key)
@@ -34,7 +35,8 @@ __all__ = ['TASK_FAMILIES', 'TEMPLATES', 'InstructBlipModelConfig', 'build_instr
 class InstructBlipModelConfig:
     "Sizes of the tiny InstructBLIP: a BLIP ViT shaped like 01_clip's tower, a small Q-Former, and the text-stage Llama."
     vision: VisionTowerConfig = VisionTowerConfig()  # 01_clip's sizes, so that the trained CLIP weights map onto it
-    qformer_layers: int = 2  # BLIP-2's Q-Former has 12; two layers each self-attend (queries + instruction) and cross-attend to the image
+    # BLIP-2's Q-Former has 12; two layers each self-attend (queries + instruction) and cross-attend to the image
+    qformer_layers: int = 2
     qformer_hidden: int = 64  # Q-Former width; the language projection maps it to the LLM's 64
     qformer_heads: int = 4  # 16-dim heads, as elsewhere in the course
     num_query_tokens: int = 8  # InstructBLIP uses 32 for 257 patches; 8 for 17 keeps the bottleneck (fewer queries than patches)
@@ -44,26 +46,34 @@ class InstructBlipModelConfig:
 def build_instructblip_processor(wcfg: WorldConfig, # the world whose words both tokenizers know
                                  mcfg: InstructBlipModelConfig = InstructBlipModelConfig(),
                                 ) -> InstructBlipProcessor:
-    "An `InstructBlipProcessor` built locally: the world's tokenizer for the LLM and a second copy for the Q-Former (BERT's in the paper)."
-    if wcfg.image_size != mcfg.vision.image_size: raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {mcfg.vision.image_size} px")
+    """An `InstructBlipProcessor` built locally: the world's tokenizer for
+    the LLM and a second copy for the Q-Former (BERT's in the paper)."""
+    if wcfg.image_size != mcfg.vision.image_size:
+        raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {mcfg.vision.image_size} px")
     tok = build_tokenizer(wcfg)
-    return InstructBlipProcessor(image_processor=image_processor(mcfg.vision), tokenizer=tok, qformer_tokenizer=build_tokenizer(wcfg),
-                                 num_query_tokens=mcfg.num_query_tokens, chat_template=tok.chat_template)
+    return InstructBlipProcessor(image_processor=image_processor(mcfg.vision), tokenizer=tok,
+                                 qformer_tokenizer=build_tokenizer(wcfg), num_query_tokens=mcfg.num_query_tokens,
+                                 chat_template=tok.chat_template)
 
 # %% ../nbs/04_instructblip.ipynb 10
 def instructblip_config(processor, text_config, mcfg: InstructBlipModelConfig = InstructBlipModelConfig()) -> InstructBlipConfig:
-    "The `InstructBlipConfig`: a BLIP ViT with CLIP's sizes and activation, the Q-Former, and `text_config` (the text-stage Llama's)."
+    """The `InstructBlipConfig`: a BLIP ViT with CLIP's sizes and
+    activation, the Q-Former, and `text_config` (the text-stage Llama's)."""
     v = mcfg.vision
-    vc = InstructBlipVisionConfig(hidden_size=v.hidden, intermediate_size=2 * v.hidden, num_hidden_layers=v.layers, num_attention_heads=v.heads,
-                                  image_size=v.image_size, patch_size=v.patch_size, hidden_act="quick_gelu", layer_norm_eps=1e-5)  # CLIP's activation and epsilon
+    vc = InstructBlipVisionConfig(hidden_size=v.hidden, intermediate_size=2 * v.hidden, num_hidden_layers=v.layers,
+                                  num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+                                  hidden_act="quick_gelu", layer_norm_eps=1e-5)  # CLIP's activation and epsilon
     qtok = processor.qformer_tokenizer
     qc = InstructBlipQFormerConfig(vocab_size=len(qtok), hidden_size=mcfg.qformer_hidden, num_hidden_layers=mcfg.qformer_layers,
                                    num_attention_heads=mcfg.qformer_heads, intermediate_size=2 * mcfg.qformer_hidden,
-                                   max_position_embeddings=mcfg.max_instruction_len, cross_attention_frequency=1,  # every layer reads the image
+                                   max_position_embeddings=mcfg.max_instruction_len,
+                                   cross_attention_frequency=1,  # every layer reads the image
                                    encoder_hidden_size=v.hidden, pad_token_id=qtok.pad_token_id,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # no dropout: a tiny model on unlimited fresh data
+                                   # no dropout: a tiny model on unlimited fresh data
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return InstructBlipConfig(vision_config=vc.to_dict(), qformer_config=qc.to_dict(), text_config=text_config.to_dict(),
-                              num_query_tokens=mcfg.num_query_tokens, image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
+                              num_query_tokens=mcfg.num_query_tokens,
+                              image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"))
 
 def clip_to_blip_vision(sd: dict) -> dict:
     """CLIP vision weights (`CLIPVisionModel.vision_model` keys) renamed and reshaped for BLIP's ViT: q, k, v fused into `qkv`,
@@ -82,7 +92,8 @@ def clip_to_blip_vision(sd: dict) -> dict:
         elif ".self_attn.k_proj." in k or ".self_attn.v_proj." in k: continue
         elif ".self_attn.out_proj." in k: out[k.replace("out_proj", "projection")] = v
         else: out[k] = v
-    out["embeddings.patch_embedding.bias"] = torch.zeros(sd["embeddings.patch_embedding.weight"].shape[0])  # CLIP's patch conv has no bias
+    # CLIP's patch conv has no bias
+    out["embeddings.patch_embedding.bias"] = torch.zeros(sd["embeddings.patch_embedding.weight"].shape[0])
     return out, extra
 
 def build_instructblip(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base recipe: its world, CLIP and text stage
@@ -90,13 +101,16 @@ def build_instructblip(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base rec
                        seed: int = 0, # the Q-Former's, query tokens' and projection's initial weights
                        progress: bool = True,
                       ):
-    "(model, processor): an InstructBLIP whose ViT carries 01_clip's weights and whose LLM is 02_llava's text-stage Llama; Q-Former fresh."
+    """(model, processor): an InstructBLIP whose ViT carries 01_clip's
+    weights and whose LLM is 02_llava's text-stage Llama; Q-Former fresh."""
     llava, _ = text_stage_vlm(tcfg, progress=progress)
     proc = build_instructblip_processor(tcfg.world, mcfg)
     config = instructblip_config(proc, llava.config.text_config, mcfg)
     torch.manual_seed(seed)
     model = InstructBlipForConditionalGeneration(config)
-    with torch.no_grad(): model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)  # LAVIS's init; transformers zeros them, which makes every query the same forever
+    with torch.no_grad():
+        # LAVIS's init; transformers zeros them, which makes every query the same forever
+        model.query_tokens.normal_(0.0, config.qformer_config.initializer_range)
     vis, _ = clip_to_blip_vision(clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, vision=mcfg.vision)))
     model.vision_model.load_state_dict(vis, strict=True)
     model.language_model.model.load_state_dict(llava.model.language_model.state_dict(), strict=True)
@@ -107,7 +121,8 @@ def build_instructblip(tcfg: BaseTrainConfig = BaseTrainConfig(), # the base rec
 
 # %% ../nbs/04_instructblip.ipynb 17
 def freeze_for_instruction_tuning(model) -> int:
-    "Freeze the vision encoder and the language model; train the Q-Former, the query tokens and the language projection. Returns the trainable count."
+    """Freeze the vision encoder and the language model; train the Q-Former, the
+    query tokens and the language projection. Returns the trainable count."""
     for p in model.parameters(): p.requires_grad_(False)
     trainable = [model.query_tokens, *model.qformer.parameters(), *model.language_projection.parameters()]
     for p in trainable: p.requires_grad_(True)
@@ -116,11 +131,16 @@ def freeze_for_instruction_tuning(model) -> int:
 # %% ../nbs/04_instructblip.ipynb 20
 TASK_FAMILIES = ("caption", "presence", "colour", "position", "count")
 TEMPLATES = {  # several phrasings per family, all in the world's words (the LLM's vocabulary); the first is the course's own
-    "caption": ("describe the image .", "what is in the image ?", "what objects are in the image ?", "describe the objects in the image ."),
-    "presence": ("is there a {shape} in the image ?", "is there a {shape} ?", "in the image is there a {shape} ?", "a {shape} in the image ?"),
-    "colour": ("what colour is the {shape} ?", "the {shape} is what colour ?", "what colour is the {shape} in the image ?", "the {shape} in the image is what colour ?"),
-    "position": ("where is the {shape} ?", "where in the image is the {shape} ?", "the {shape} is where ?", "where is the {shape} in the image ?"),
-    "count": ("how many objects are there ?", "how many objects are in the image ?", "how many objects ?", "in the image how many objects are there ?"),
+    "caption": ("describe the image .", "what is in the image ?", "what objects are in the image ?",
+                "describe the objects in the image ."),
+    "presence": ("is there a {shape} in the image ?", "is there a {shape} ?", "in the image is there a {shape} ?",
+                 "a {shape} in the image ?"),
+    "colour": ("what colour is the {shape} ?", "the {shape} is what colour ?",
+               "what colour is the {shape} in the image ?", "the {shape} in the image is what colour ?"),
+    "position": ("where is the {shape} ?", "where in the image is the {shape} ?", "the {shape} is where ?",
+                 "where is the {shape} in the image ?"),
+    "count": ("how many objects are there ?", "how many objects are in the image ?", "how many objects ?",
+              "in the image how many objects are there ?"),
 }
 
 def task_examples(wcfg: WorldConfig, # the world the scenes come from
@@ -160,7 +180,8 @@ def qformer_inputs(processor, instructions: list, instruction_aware: bool = True
     return dict(qformer_input_ids=enc["input_ids"], qformer_attention_mask=enc["attention_mask"])
 
 def instructblip_batch(processor, images: list, instructions: list,
-                       answers: list = None, # with answers: right-padded training inputs with `labels` on the answers; without: left-padded prompts
+                       # with answers: right-padded training inputs with `labels` on the answers; without: left-padded prompts
+                       answers: list = None,
                        instruction_aware: bool = True,
                       ) -> dict:
     """Model inputs: the LLM reads `num_query_tokens` image placeholders first (where `transformers` and LAVIS put the query
@@ -169,12 +190,14 @@ def instructblip_batch(processor, images: list, instructions: list,
     if len(images) != len(instructions): raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
     tok = processor.tokenizer
     image_id, n_query = tok.convert_tokens_to_ids("<image>"), processor.num_query_tokens
-    prompts = [[image_id] * n_query + ids for ids in tok([text_prompt(tok, q) for q in instructions])["input_ids"]]  # [B] lists: placeholders, then the prompt
+    # [B] lists: placeholders, then the prompt
+    prompts = [[image_id] * n_query + ids for ids in tok([text_prompt(tok, q) for q in instructions])["input_ids"]]
     pixel_values = processor.image_processor([to_rgb(i) for i in images], return_tensors="pt")["pixel_values"]  # [B, 3, H, W]
     if answers is None:
         T = max(map(len, prompts))
         batch = dict(input_ids=torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts]),
-                     attention_mask=torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]))  # left-padded: generation continues on the right
+                     # left-padded: generation continues on the right
+                     attention_mask=torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]))
     else:
         check_texts(answers, "answers")
         if len(answers) != len(instructions): raise ValueError(f"{len(instructions)} instructions but {len(answers)} answers")
@@ -193,15 +216,18 @@ def instructblip_generate(model, processor, images: list, instructions: list,
     tok, outs = processor.tokenizer, []
     model.eval()
     for i in range(0, len(images), batch_size):
-        b = instructblip_batch(processor, images[i:i + batch_size], instructions[i:i + batch_size], instruction_aware=instruction_aware)
+        b = instructblip_batch(processor, images[i:i + batch_size], instructions[i:i + batch_size],
+                               instruction_aware=instruction_aware)
         ids = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         outs += [t.strip() for t in tok.batch_decode(ids[:, b["input_ids"].shape[1]:], skip_special_tokens=True)]
     return outs
 
 def instructblip_answerer(model, processor, instruction_aware: bool = None, **kw):
-    "The model as `answer(images, questions) -> replies`, the yardstick's interface; by default the Q-Former reads the question if it was trained to."
+    """The model as `answer(images, questions) -> replies`, the yardstick's
+    interface; by default the Q-Former reads the question if it was trained to."""
     if instruction_aware is None: instruction_aware = getattr(model.config, "instruction_aware", True)
-    def answer(images, questions): return instructblip_generate(model, processor, images, list(questions), instruction_aware, **kw)
+    def answer(images, questions):
+        return instructblip_generate(model, processor, images, list(questions), instruction_aware, **kw)
     return answer
 
 # %% ../nbs/04_instructblip.ipynb 34
@@ -239,11 +265,13 @@ class InstructTuneConfig:
     "Instruction tuning of the tiny InstructBLIP; the cache key of the trained model."
     base: BaseTrainConfig = BaseTrainConfig()  # the base recipe whose CLIP and text-stage LLM are frozen inside
     model: InstructBlipModelConfig = InstructBlipModelConfig()
-    held_out: str = "colour"  # the family never trained on; its answers (colour words) are words the frozen LLM already writes in captions
+    # the family never trained on; its answers (colour words) are words the frozen LLM already writes in captions
+    held_out: str = "colour"
     instruction_aware: bool = True  # InstructBLIP (the Q-Former reads the instruction) or BLIP-2 (it does not)
     steps: int = 800  # optimiser steps of 32 fresh examples: about 30 s on one CPU thread
     batch_size: int = 32
-    lr: float = 1e-3  # peak rate of the Q-Former, queries and projection (a fresh module tolerates it), with warm-up and cosine decay
+    # peak rate of the Q-Former, queries and projection (a fresh module tolerates it), with warm-up and cosine decay
+    lr: float = 1e-3
     warmup: float = 0.1
     clip_grad: float = 1.0
     seed: int = 0  # the Q-Former's initial weights and the data
@@ -252,23 +280,26 @@ class InstructTuneConfig:
     def held_in(self): return tuple(f for f in TASK_FAMILIES if f != self.held_out)
 
     def __post_init__(self):
-        if self.held_out not in TASK_FAMILIES + ("",): raise ValueError(f"held_out must be one of {TASK_FAMILIES} or '' (none), not {self.held_out!r}")
+        if self.held_out not in TASK_FAMILIES + ("",):
+            raise ValueError(f"held_out must be one of {TASK_FAMILIES} or '' (none), not {self.held_out!r}")
 
 def instruct_tune(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
-    "Build the InstructBLIP, freeze it but for the Q-Former, and instruction-tune it on the held-in families; (model, processor, history)."
+    """Build the InstructBLIP, freeze it but for the Q-Former, and
+    instruction-tune it on the held-in families; (model, processor, history)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         model, proc = build_instructblip(tune_cfg.base, tune_cfg.model, seed=tune_cfg.seed, progress=progress)
-        model.config.instruction_aware = tune_cfg.instruction_aware  # saved with the checkpoint: the answerer feeds the Q-Former as it was trained
+        # saved with the checkpoint: the answerer feeds the Q-Former as it was trained
+        model.config.instruction_aware = tune_cfg.instruction_aware
         n_train = freeze_for_instruction_tuning(model)
         frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
         ex = task_examples(tune_cfg.base.world, tune_cfg.steps * tune_cfg.batch_size, tune_cfg.held_in, seed=tune_cfg.seed + 7)
         B, w = tune_cfg.batch_size, tune_cfg.base.world
         def make_batch(k):
             e = ex[k * B:(k + 1) * B]
-            return instructblip_batch(proc, [render(x["scene"], w) for x in e], [x["instruction"] for x in e], [x["answer"] for x in e],
-                                      instruction_aware=tune_cfg.instruction_aware)
+            return instructblip_batch(proc, [render(x["scene"], w) for x in e], [x["instruction"] for x in e],
+                                      [x["answer"] for x in e], instruction_aware=tune_cfg.instruction_aware)
         t0 = time.time()
         losses = train_loop(model, make_batch, tune_cfg.steps, tune_cfg.lr, tune_cfg.warmup, tune_cfg.clip_grad,
                             desc="InstructBLIP" if tune_cfg.instruction_aware else "BLIP-2 style", progress=progress)
@@ -279,8 +310,9 @@ def instruct_tune(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progress:
 
 # %% ../nbs/04_instructblip.ipynb 45
 def llava_same_budget(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progress: bool = True, threads: int = 1):
-    """The LLaVA comparison at the same budget: 02_llava's text-stage model aligned LLaVA's way (vision tower and projector at
-    the base recipe's rate, the LLM at its reduced rate) on the same held-in instructions, steps and batch size; (model, processor, losses)."""
+    """The LLaVA comparison at the same budget: 02_llava's text-stage model aligned LLaVA's way (vision tower and
+    projector at the base recipe's rate, the LLM at its reduced rate) on the same held-in instructions, steps and
+    batch size; (model, processor, losses)."""
     from vlmcourse.llava import sft_batch
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -291,12 +323,14 @@ def llava_same_budget(tune_cfg: InstructTuneConfig = InstructTuneConfig(), progr
         B = tune_cfg.batch_size
         def make_batch(k):
             e = ex[k * B:(k + 1) * B]
-            return sft_batch(proc, [render(x["scene"], t.world) for x in e], [x["instruction"] for x in e], [x["answer"] for x in e])
+            return sft_batch(proc, [render(x["scene"], t.world) for x in e], [x["instruction"] for x in e],
+                             [x["answer"] for x in e])
         lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
         groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": t.stage2_lr * t.stage2_lm_lr_scale},
                   {"params": [p for p in model.parameters() if id(p) not in lm]}]
         torch.manual_seed(tune_cfg.seed)
-        losses = train_loop(model, make_batch, tune_cfg.steps, t.stage2_lr, t.warmup, t.clip_grad, params=groups, desc="LLaVA, same budget", progress=progress)
+        losses = train_loop(model, make_batch, tune_cfg.steps, t.stage2_lr, t.warmup, t.clip_grad, params=groups,
+                            desc="LLaVA, same budget", progress=progress)
         return model, proc, losses
     finally: torch.set_num_threads(old)
 
@@ -312,5 +346,7 @@ def instructblip_vlm(tune_cfg: InstructTuneConfig = InstructTuneConfig(), device
     "(model, processor) of the course's InstructBLIP, loaded with the Auto classes from the cache."
     return load_vlm(instructblip_vlm_path(progress, tune_cfg), device=device or "cpu")
 
-register(ModelEntry("instructblip", "InstructBLIP: a Q-Former instruction-tuned between 01_clip's frozen ViT and the frozen biased LLM (barely reads images here)",
-                    "04_instructblip", "vlmcourse.instructblip:instructblip_vlm_path", answerer="vlmcourse.instructblip:instructblip_answerer"))
+register(ModelEntry("instructblip",
+                    "InstructBLIP: a Q-Former instruction-tuned between 01_clip's frozen ViT and the frozen biased "
+                    "LLM (barely reads images here)", "04_instructblip",
+                    "vlmcourse.instructblip:instructblip_vlm_path", answerer="vlmcourse.instructblip:instructblip_answerer"))

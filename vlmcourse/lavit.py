@@ -19,10 +19,10 @@ from transformers.utils import logging as hf_logging
 from .cache import cached_artifact, write_atomically
 from .registry import ModelEntry, register
 from .world import WorldConfig, render, sample_scenes
-from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_pixel_values, clip_vision_state_dict, image_processor,
-                            to_rgb, vision_config)
-from .llava import (BaseTrainConfig, answer_ids, check_texts, default_device, pack_examples, stage2_examples, text_stage_vlm,
-                             train_loop, training_key)
+from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_pixel_values,
+                            clip_vision_state_dict, image_processor, to_rgb, vision_config)
+from .llava import (BaseTrainConfig, answer_ids, check_texts, default_device, pack_examples, stage2_examples,
+                             text_stage_vlm, train_loop, training_key)
 
 # %% auto 0
 __all__ = ['CODE_TOKEN', 'LAVIT_RECIPE', 'vector_quantize', 'VisualTokenizerConfig', 'masked_attention', 'TokenBlock',
@@ -36,14 +36,19 @@ def vector_quantize(z: torch.Tensor, # [N, D] the encoder's outputs, one row per
                     codebook: torch.Tensor, # [K, D] the code vectors
                     beta: float = 0.25, # weight of the commitment term (VQ-VAE's 0.25)
                    ) -> tuple:
-    """(z_q, ids, loss): each row's nearest code `codebook[ids]` in the forward pass with the gradient passed to `z`
-    unchanged (straight-through), and VQ-VAE's loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (van den Oord et al. 2017, eq. 3), as means."""
+    """(z_q, ids, loss): each row's nearest code `codebook[ids]` in the forward pass with the gradient passed to
+    `z` unchanged (straight-through), and VQ-VAE's loss ||sg[z] - e||^2 + beta ||z - sg[e]||^2 (van den Oord et
+    al. 2017, eq. 3), as means."""
     for name, t in (("z", z), ("codebook", codebook)):
         if not isinstance(t, torch.Tensor): raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
-        if t.ndim != 2: raise ValueError(f"{name} must be 2-D ({'[N, D] tokens' if name == 'z' else '[K, D] codes'}), got shape {tuple(t.shape)}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be 2-D ({'[N, D] tokens' if name == 'z' else '[K, D] codes'}), "
+                             f"got shape {tuple(t.shape)}")
         if not t.is_floating_point(): raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if z.shape[1] != codebook.shape[1]: raise ValueError(f"z has {z.shape[1]} dims per token but the codes have {codebook.shape[1]}: they must match")
-    if len(z) == 0 or len(codebook) == 0: raise ValueError(f"z {tuple(z.shape)} and codebook {tuple(codebook.shape)} must each hold at least one row")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(f"z has {z.shape[1]} dims per token but the codes have {codebook.shape[1]}: they must match")
+    if len(z) == 0 or len(codebook) == 0:
+        raise ValueError(f"z {tuple(z.shape)} and codebook {tuple(codebook.shape)} must each hold at least one row")
     if beta < 0: raise ValueError(f"beta must be >= 0, got {beta}")
     zd, cd = z.detach(), codebook.detach()
     dist = zd.pow(2).sum(1, keepdim=True) - 2 * zd @ cd.T + cd.pow(2).sum(1)[None]  # [N, K] squared distances
@@ -56,22 +61,29 @@ def vector_quantize(z: torch.Tensor, # [N, D] the encoder's outputs, one row per
 # %% ../nbs/11_lavit.ipynb 19
 @dataclass(frozen=True)
 class VisualTokenizerConfig:
-    "LaVIT's dynamic visual tokenizer on 01_clip's frozen vision tower, and how it is trained; the cache key of the trained tokenizer."
-    clip: ClipTrainConfig = ClipTrainConfig()  # the frozen encoder whose patch features are tokenised: 01_clip's, the tower the LLaVA model reads
+    """LaVIT's dynamic visual tokenizer on 01_clip's frozen vision tower,
+    and how it is trained; the cache key of the trained tokenizer."""
+    # the frozen encoder whose patch features are tokenised: 01_clip's, the tower the LLaVA model reads
+    clip: ClipTrainConfig = ClipTrainConfig()
     hidden: int = 64  # width of selector, merger and decoder: the tower's own width
     heads: int = 4  # 16-dim heads, as the tower's
     merger_layers: int = 1  # blocks in which kept tokens attend to each other and absorb the dropped ones (LaVIT stacks several)
     decoder_layers: int = 2  # blocks that rebuild all 16 patch features from the kept codes
     code_dim: int = 32  # LaVIT's code dimension; codes and codebook L2-normalised, as LaVIT's
-    codebook_size: int = 512  # LaVIT's is 16,384 for real images; a patch shows a quarter of a shape in a colour and a cell: 6 x 4 x 4 x 4 = 384
-    keep_ratio: float = 0.5  # target share of kept patches over a batch (so images may differ): about what the objects of a 2-object scene cover
+    # LaVIT's is 16,384 for real images; a patch shows a quarter of a shape in a colour and a cell: 6 x 4 x 4 x 4 = 384
+    codebook_size: int = 512
+    # target share of kept patches over a batch (so images may differ): about what the objects of a 2-object scene cover
+    keep_ratio: float = 0.5
     ratio_weight: float = 2.0  # weight of (mean keep - keep_ratio)^2 beside the reconstruction
     beta: float = 0.25  # commitment weight, VQ-VAE's
     tau: float = 1.0  # temperature of the Gumbel-softmax keep/drop decision
     n_images: int = 8000  # training scenes, a fresh scene each, from the biased world (as CLIP's were)
     batch_size: int = 64  # scenes per step
-    continuous_steps: int = 300  # first phase: selector, merger and decoder without quantisation (LaVIT's maintainers trained these first)
-    steps: int = 3000  # all steps; after the first phase the codebook starts from k-means on the codes. Seed 0: 1500 steps rebuilt 0.978 cosine, 3000 0.993
+    # first phase: selector, merger and decoder without quantisation (LaVIT's maintainers trained these first)
+    continuous_steps: int = 300
+    # all steps; after the first phase the codebook starts from k-means
+    # on the codes. Seed 0: 1500 steps rebuilt 0.978 cosine, 3000 0.993
+    steps: int = 3000
     lr: float = 2e-3  # AdamW's rate, constant: 3000 steps take about 90 s on one CPU thread
     eval_every: int = 100  # steps between measurements on held-out scenes: reconstruction, keep ratio, codebook usage
     n_eval: int = 500  # held-out scenes measured
@@ -81,18 +93,23 @@ class VisualTokenizerConfig:
         if self.hidden % self.heads: raise ValueError(f"heads={self.heads} must divide hidden={self.hidden}")
         if not 0 < self.keep_ratio <= 1: raise ValueError(f"keep_ratio is a share of patches in (0, 1], got {self.keep_ratio}")
         if self.codebook_size < 2: raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
-        if not 0 <= self.continuous_steps < self.steps: raise ValueError(f"continuous_steps={self.continuous_steps} must be in [0, steps={self.steps})")
-        if self.n_images < self.batch_size: raise ValueError(f"n_images={self.n_images} is less than one batch of {self.batch_size}")
+        if not 0 <= self.continuous_steps < self.steps:
+            raise ValueError(f"continuous_steps={self.continuous_steps} must be in [0, steps={self.steps})")
+        if self.n_images < self.batch_size:
+            raise ValueError(f"n_images={self.n_images} is less than one batch of {self.batch_size}")
 
 # %% ../nbs/11_lavit.ipynb 21
 def masked_attention(q, k, v, # [B, H, T, d], [B, H, S, d], [B, H, S, d]
                      w, # [B, T, S] or [B, S]: how much each key may be attended to, 0 or 1 forward, differentiable
                     ) -> torch.Tensor:
-    "softmax attention re-weighted by `w`: a_ts = exp(s_ts) w_s / sum_s' exp(s_ts') w_s' (DynamicViT's masked softmax), so a hard 0/1 mask still passes gradients to `w`."
+    """softmax attention re-weighted by `w`: a_ts = exp(s_ts) w_s / sum_s' exp(s_ts') w_s'
+    (DynamicViT's masked softmax), so a hard 0/1 mask still passes gradients to `w`."""
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # [B, H, T, S]
     w = w[:, None, None, :] if w.ndim == 2 else w[:, None]
-    top = s.masked_fill(w == 0, float("-inf")).amax(-1, keepdim=True)  # the largest score among the allowed keys (a constant: it cancels)
-    top = torch.where(torch.isfinite(top), top, s.amax(-1, keepdim=True)).detach()  # a row with no allowed key: any constant will do
+    # the largest score among the allowed keys (a constant: it cancels)
+    top = s.masked_fill(w == 0, float("-inf")).amax(-1, keepdim=True)
+    # a row with no allowed key: any constant will do
+    top = torch.where(torch.isfinite(top), top, s.amax(-1, keepdim=True)).detach()
     e = (s - top).exp() * w
     return (e / (e.sum(-1, keepdim=True) + 1e-6)) @ v  # [B, H, T, d]; with a 0/1 mask the sum is >= 1, so 1e-6 is a rounding
 
@@ -102,8 +119,10 @@ class TokenBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1, self.qkv, self.proj1 = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.norm2, self.norm_mem, self.q, self.kv, self.proj2 = nn.LayerNorm(d), nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
-        self.null = nn.Parameter(torch.zeros(1, 1, d))  # a key to attend to when the memory is empty (an image that drops nothing)
+        self.norm2, self.norm_mem, self.q, self.kv, self.proj2 = (nn.LayerNorm(d), nn.LayerNorm(d), nn.Linear(d, d),
+                                                                  nn.Linear(d, 2 * d), nn.Linear(d, d))
+        # a key to attend to when the memory is empty (an image that drops nothing)
+        self.null = nn.Parameter(torch.zeros(1, 1, d))
         self.norm3, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
     def _heads(self, t): return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # [B, T, D] -> [B, H, T, d]
@@ -122,12 +141,14 @@ class TokenBlock(nn.Module):
         m = torch.cat([self.null.expand(len(mem), 1, -1), self.norm_mem(mem)], 1)  # [B, 1 + S, D]
         wm = torch.cat([torch.ones_like(w_mem[:, :1]), w_mem], 1)
         k2, v2 = self.kv(m).chunk(2, -1)
-        x = x + self.proj2(self._merge(masked_attention(self._heads(self.q(self.norm2(x))), self._heads(k2), self._heads(v2), wm)))
+        x = x + self.proj2(self._merge(masked_attention(self._heads(self.q(self.norm2(x))), self._heads(k2),
+                                                        self._heads(v2), wm)))
         return x + self.mlp(self.norm3(x))
 
 # %% ../nbs/11_lavit.ipynb 24
 class DynamicVisualTokenizer(nn.Module):
-    "LaVIT's tokenizer on frozen patch features: selector (hard Gumbel keep/drop), merger, L2-normalised codebook, decoder of all patches."
+    """LaVIT's tokenizer on frozen patch features: selector (hard Gumbel
+    keep/drop), merger, L2-normalised codebook, decoder of all patches."""
     def __init__(self, cfg: VisualTokenizerConfig = VisualTokenizerConfig()):
         super().__init__()
         self.cfg = cfg
@@ -143,7 +164,8 @@ class DynamicVisualTokenizer(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, F_))
 
     def select(self, x): # [B, N, D]
-        "keep [B, N] of 0/1: training, a hard Gumbel-softmax sample (straight-through); eval, keep where keep's logit wins (at least one per image)."
+        """keep [B, N] of 0/1: training, a hard Gumbel-softmax sample (straight-through);
+        eval, keep where keep's logit wins (at least one per image)."""
         logits = self.selector(x)  # [B, N, 2]
         if self.training: return F.gumbel_softmax(logits, tau=self.cfg.tau, hard=True)[..., 0]
         margin = logits[..., 0] - logits[..., 1]
@@ -152,7 +174,8 @@ class DynamicVisualTokenizer(nn.Module):
         return keep
 
     def encode(self, feats): # [B, N, F] patch features
-        "(z [B, N, code_dim] unit-norm, keep [B, N]): the merged tokens' codes before quantisation (rows of dropped patches unused)."
+        """(z [B, N, code_dim] unit-norm, keep [B, N]): the merged tokens'
+        codes before quantisation (rows of dropped patches unused)."""
         x = self.inp(self.norm(feats))
         keep = self.select(x)
         h = x
@@ -160,7 +183,8 @@ class DynamicVisualTokenizer(nn.Module):
         return F.normalize(self.to_code(h), dim=-1), keep
 
     def decode(self, zq, keep): # [B, N, code_dim], [B, N]
-        "[B, N, F]: every patch feature rebuilt from the kept codes (the decoder's queries know positions; the codes carry the rest)."
+        """[B, N, F]: every patch feature rebuilt from the kept codes (the
+        decoder's queries know positions; the codes carry the rest)."""
         m, q = self.from_code(zq), self.queries.expand(len(zq), -1, -1)
         for blk in self.decoder: q = blk(q, torch.ones_like(keep), m, keep)
         return self.out(q)
@@ -171,7 +195,8 @@ class DynamicVisualTokenizer(nn.Module):
         "rec [B, N, F], keep [B, N], ids [B, N] (-1 where dropped), vq_loss, z."
         want = (self.queries.shape[1], self.norm.normalized_shape[0])
         if not isinstance(feats, torch.Tensor) or feats.ndim != 3 or tuple(feats.shape[1:]) != want or not len(feats):
-            raise ValueError(f"feats must be [B, {want[0]}, {want[1]}] patch features (from `patch_features`), got {tuple(getattr(feats, 'shape', ()))}")
+            raise ValueError(f"feats must be [B, {want[0]}, {want[1]}] patch features (from `patch_features`), "
+                             f"got {tuple(getattr(feats, 'shape', ()))}")
         z, keep = self.encode(feats)
         ids = torch.full(keep.shape, -1, dtype=torch.long, device=z.device)
         zq, vq = z, z.new_zeros(())
@@ -211,7 +236,8 @@ def patch_features(tower, # from `vision_tower`
 def codebook_usage(ids: torch.Tensor, # code ids, any shape; -1 (dropped) ignored
                    K: int, # codebook size
                   ) -> dict:
-    "perplexity exp(H(p)) of the codes' empirical distribution (K if all are used equally, 1 if one code), and dead codes (never used)."
+    """perplexity exp(H(p)) of the codes' empirical distribution (K if
+    all are used equally, 1 if one code), and dead codes (never used)."""
     ids = ids[ids >= 0].flatten()
     if not len(ids): raise ValueError("no codes to count: every id is -1")
     counts = torch.bincount(ids, minlength=K).double()
@@ -219,7 +245,8 @@ def codebook_usage(ids: torch.Tensor, # code ids, any shape; -1 (dropped) ignore
     return {"perplexity": float(torch.exp(-(p * p.log()).sum())), "dead codes": int((counts == 0).sum())}
 
 def objects_per_patch(scenes: list, wcfg: WorldConfig, patches_per_side: int = 4) -> torch.Tensor:
-    "[N, P] bool: the patches inside the grid cell of an object (an object fills most of its cell, so it touches each of the cell's patches)."
+    """[N, P] bool: the patches inside the grid cell of an object (an object
+    fills most of its cell, so it touches each of the cell's patches)."""
     per_cell = patches_per_side // wcfg.grid
     out = torch.zeros(len(scenes), patches_per_side ** 2, dtype=torch.bool)
     for i, s in enumerate(scenes):
@@ -259,11 +286,13 @@ def measure_tokenizer(tok, feats, # held-out patch features [N, 16, F]
 def train_visual_tokenizer(cfg: VisualTokenizerConfig = VisualTokenizerConfig(), # the tokenizer and its training
                            progress: bool = True,
                           ):
-    "Train the tokenizer to rebuild the frozen tower's patch features: (tokenizer in eval mode, history of held-out measurements)."
+    """Train the tokenizer to rebuild the frozen tower's patch features:
+    (tokenizer in eval mode, history of held-out measurements)."""
     torch.manual_seed(cfg.seed)
     w = cfg.clip.world
     tower = vision_tower(cfg.clip)
-    feats = patch_features(tower, [render(s, w) for s in sample_scenes(w, cfg.n_images, seed=cfg.seed)], cfg.clip)  # [N, 16, F], once
+    # [N, 16, F], once
+    feats = patch_features(tower, [render(s, w) for s in sample_scenes(w, cfg.n_images, seed=cfg.seed)], cfg.clip)
     held = patch_features(tower, [render(s, w) for s in sample_scenes(w, cfg.n_eval, seed=cfg.seed + 50_000)], cfg.clip)
     tok = DynamicVisualTokenizer(cfg)
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr)
@@ -283,7 +312,8 @@ def train_visual_tokenizer(cfg: VisualTokenizerConfig = VisualTokenizerConfig(),
         torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
         opt.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            hist.append({"step": step + 1, "quantised": quantise, "train loss": loss.item(), **measure_tokenizer(tok, held, quantise)})
+            hist.append({"step": step + 1, "quantised": quantise, "train loss": loss.item(),
+                         **measure_tokenizer(tok, held, quantise)})
             tok.train()
     tok.eval()
     return tok, {"history": hist, "seconds": time.time() - t0}
@@ -293,22 +323,26 @@ def train_visual_tokenizer(cfg: VisualTokenizerConfig = VisualTokenizerConfig(),
 class LavitConfig:
     "The language model that reads the visual tokenizer's codes, and how it is aligned; the cache key of the trained model."
     tokenizer: VisualTokenizerConfig = VisualTokenizerConfig()  # the visual tokenizer, trained first and frozen
-    base: BaseTrainConfig = BaseTrainConfig()  # the base recipe: its text-only stage is the LM's start; its stage-2 examples, batch, rate and schedule are the LM's
+    # the base recipe: its text-only stage is the LM's start; its stage-2 examples, batch, rate and schedule are the LM's
+    base: BaseTrainConfig = BaseTrainConfig()
     steps: int = 0  # alignment steps; 0 = the base recipe's stage2_steps, the base model's alignment budget
-    image_loss: bool = True  # the next-token loss covers the visual codes too (LaVIT's one objective); False scores the answers only, as the base model
+    # the next-token loss covers the visual codes too (LaVIT's one objective); False scores the answers only, as the base model
+    image_loss: bool = True
 
     @property
     def align_steps(self) -> int: return self.steps or self.base.stage2_steps
 
     def __post_init__(self):
         if self.tokenizer.clip != ClipTrainConfig(world=self.base.world, vision=self.base.model.vision):
-            raise ValueError("the visual tokenizer must read the base recipe's CLIP: VisualTokenizerConfig(clip=ClipTrainConfig(world=base.world, vision=base.model.vision))")
+            raise ValueError("the visual tokenizer must read the base recipe's CLIP: "
+                             "VisualTokenizerConfig(clip=ClipTrainConfig(world=base.world, vision=base.model.vision))")
         if self.steps < 0: raise ValueError(f"steps must be >= 0 (0: the base recipe's), got {self.steps}")
 
 CODE_TOKEN = "<code{}>"  # the name of code k in the LM's vocabulary
 
 class LavitProcessor:
-    "Images and questions to the LM's token ids: 01_clip's frozen tower, the visual tokenizer, and the course's word tokenizer with the codes added."
+    """Images and questions to the LM's token ids: 01_clip's frozen tower, the
+    visual tokenizer, and the course's word tokenizer with the codes added."""
     def __init__(self, tower, visual_tokenizer, tokenizer):
         self.tower, self.visual_tokenizer, self.tokenizer = tower.eval(), visual_tokenizer.eval(), tokenizer
         self.clip_cfg = visual_tokenizer.cfg.clip
@@ -327,23 +361,28 @@ class LavitProcessor:
         return self.visual_tokenizer.tokenize(patch_features(self.tower, [to_rgb(i) for i in images], self.clip_cfg))
 
     def prompt_ids(self, question: str, codes: list) -> tuple:
-        "(before, visual, after): the chat template's ids up to `<image>` (the image's start), the codes as vocabulary ids, the question and 'assistant :'."
+        """(before, visual, after): the chat template's ids up to `<image>` (the
+        image's start), the codes as vocabulary ids, the question and 'assistant :'."""
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        ids = list(self.tokenizer(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"])
+        ids = list(self.tokenizer(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False),
+                                  add_special_tokens=False)["input_ids"])
         i = ids.index(self.image_token_id) + 1
         return ids[:i], [self.code_offset + c for c in codes], ids[i:]
 
 def add_code_tokens(tokenizer, K: int):
-    "Append K code tokens `<code0>`..`<code{K-1}>` to the word tokenizer (in place): the visual vocabulary; returns the first code's id."
+    """Append K code tokens `<code0>`..`<code{K-1}>` to the word tokenizer
+    (in place): the visual vocabulary; returns the first code's id."""
     first = len(tokenizer)
     tokenizer.add_tokens([CODE_TOKEN.format(k) for k in range(K)], special_tokens=True)
-    if tokenizer.convert_tokens_to_ids(CODE_TOKEN.format(K - 1)) != first + K - 1: raise ValueError("the code tokens did not get consecutive ids: is the tokenizer already extended?")
+    if tokenizer.convert_tokens_to_ids(CODE_TOKEN.format(K - 1)) != first + K - 1:
+        raise ValueError("the code tokens did not get consecutive ids: is the tokenizer already extended?")
     return first
 
 def lm_from_text_stage(tcfg: BaseTrainConfig, # the base recipe whose text-only stage the LM starts from
                        K: int, # codebook size: new vocabulary entries
                       ):
-    "(LlamaForCausalLM, tokenizer): the base recipe's language model after its text-only stage, with K code tokens appended to its vocabulary."
+    """(LlamaForCausalLM, tokenizer): the base recipe's language model after
+    its text-only stage, with K code tokens appended to its vocabulary."""
     vlm, proc = text_stage_vlm(tcfg, device="cpu", progress=False)
     tok = proc.tokenizer
     lm = LlamaForCausalLM(vlm.config.text_config)
@@ -359,10 +398,12 @@ def lavit_batch(rows: list, # (before, visual, after, answer) ids per example
                 pad_id: int,
                 image_loss: bool = True, # score the visual codes too
                ) -> dict:
-    "[visual tokens; text] sequences, right-padded, with labels for the next-token loss: the answer, and the codes when `image_loss`."
+    """[visual tokens; text] sequences, right-padded, with labels for
+    the next-token loss: the answer, and the codes when `image_loss`."""
     b = pack_examples([(pre + vis + post, ans) for pre, vis, post, ans in rows], pad_id)
     if image_loss:
-        for r, (pre, vis, _, _) in enumerate(rows): b["labels"][r, len(pre):len(pre) + len(vis)] = torch.tensor(vis, dtype=torch.long)
+        for r, (pre, vis, _, _) in enumerate(rows):
+            b["labels"][r, len(pre):len(pre) + len(vis)] = torch.tensor(vis, dtype=torch.long)
     return b
 
 # %% ../nbs/11_lavit.ipynb 38
@@ -373,7 +414,8 @@ def train_lavit(cfg: LavitConfig = LavitConfig(), # the recipe
     "Align the text-stage LM on [visual tokens; text] sequences of the base recipe's stage-2 examples: (lm, processor, history)."
     t0 = time.time()
     if visual_tokenizer is None: visual_tokenizer = load_visual_tokenizer(visual_tokenizer_path(cfg.tokenizer, progress))
-    elif visual_tokenizer.cfg != cfg.tokenizer: raise ValueError("visual_tokenizer was trained with another VisualTokenizerConfig than cfg.tokenizer")
+    elif visual_tokenizer.cfg != cfg.tokenizer:
+        raise ValueError("visual_tokenizer was trained with another VisualTokenizerConfig than cfg.tokenizer")
     tcfg, B, steps = cfg.base, cfg.base.batch_size, cfg.align_steps
     lm, tok = lm_from_text_stage(tcfg, cfg.tokenizer.codebook_size)
     proc = LavitProcessor(vision_tower(cfg.tokenizer.clip), visual_tokenizer, tok)
@@ -381,10 +423,11 @@ def train_lavit(cfg: LavitConfig = LavitConfig(), # the recipe
     codes = []
     for i in tqdm(range(0, len(examples), 2048), desc="visual tokens", disable=None if progress else True):
         codes += proc.codes([render(s, tcfg.world) for s, _, _ in examples[i:i + 2048]])
-    rows = [proc.prompt_ids(q, c) + (a,) for (_, q, _), c, a in zip(examples, codes, answer_ids(tok, [a for _, _, a in examples]))]
+    rows = [proc.prompt_ids(q, c)
+            + (a,) for (_, q, _), c, a in zip(examples, codes, answer_ids(tok, [a for _, _, a in examples]))]
     t1 = time.time()
-    losses = train_loop(lm, lambda k: lavit_batch(rows[k * B:(k + 1) * B], tok.pad_token_id, cfg.image_loss), steps, tcfg.stage2_lr,
-                        tcfg.warmup, tcfg.clip_grad, desc="LM on visual tokens", progress=progress)
+    losses = train_loop(lm, lambda k: lavit_batch(rows[k * B:(k + 1) * B], tok.pad_token_id, cfg.image_loss), steps,
+                        tcfg.stage2_lr, tcfg.warmup, tcfg.clip_grad, desc="LM on visual tokens", progress=progress)
     return lm.eval(), proc, {"losses": losses, "tokens per image": float(np.mean([len(c) for c in codes])),
                              "lm seconds": time.time() - t1, "seconds": time.time() - t0}
 
@@ -405,11 +448,13 @@ def generate(model, processor: LavitProcessor,
     model.eval()
     outs = []
     for i in range(0, len(images), batch_size):
-        seqs = [sum(processor.prompt_ids(q, c), []) for q, c in zip(questions[i:i + batch_size], processor.codes(images[i:i + batch_size]))]
+        seqs = [sum(processor.prompt_ids(q, c), [])
+                for q, c in zip(questions[i:i + batch_size], processor.codes(images[i:i + batch_size]))]
         T = max(map(len, seqs))
         ids = torch.full((len(seqs), T), tok.pad_token_id)
         mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs): ids[r, T - len(s):], mask[r, T - len(s):] = torch.tensor(s), 1  # left padding: a decoder continues from the right end
+        for r, s in enumerate(seqs):
+            ids[r, T - len(s):], mask[r, T - len(s):] = torch.tensor(s), 1  # left padding: a decoder continues from the right end
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, suppress_tokens=processor.code_ids)
         outs += [t.strip() for t in tok.batch_decode(out[:, T:], skip_special_tokens=True)]
@@ -425,7 +470,8 @@ def _tokenizer_config(d: dict) -> VisualTokenizerConfig:
     "A VisualTokenizerConfig from its JSON (lists back to tuples)."
     tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v
     c = d["clip"]
-    clip = ClipTrainConfig(**{**c, "world": WorldConfig(**{k: tup(v) for k, v in c["world"].items()}), "vision": VisionTowerConfig(**c["vision"])})
+    clip = ClipTrainConfig(**{**c, "world": WorldConfig(**{k: tup(v) for k, v in c["world"].items()}),
+                              "vision": VisionTowerConfig(**c["vision"])})
     return VisualTokenizerConfig(**{**d, "clip": clip})
 
 def save_visual_tokenizer(tok: DynamicVisualTokenizer, path, history: dict = None) -> Path:
@@ -440,11 +486,14 @@ def load_visual_tokenizer(path) -> DynamicVisualTokenizer:
     "A tokenizer written by `save_visual_tokenizer`, in eval mode; a clear error if the folder is missing or broken."
     p = Path(path)
     if not (p / "visual_tokenizer.pt").exists() or not (p / "visual_tokenizer.json").exists():
-        raise ValueError(f"no visual tokenizer at {p}: train one with `visual_tokenizer_path(cfg)` or write one with `save_visual_tokenizer`")
+        raise ValueError(f"no visual tokenizer at {p}: train one with `visual_tokenizer_path(cfg)` or write one with "
+                         "`save_visual_tokenizer`")
     try:
         tok = DynamicVisualTokenizer(_tokenizer_config(json.loads((p / "visual_tokenizer.json").read_text())))
         tok.load_state_dict(torch.load(p / "visual_tokenizer.pt", weights_only=True))
-    except Exception as e: raise ValueError(f"the visual tokenizer at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and train it again") from None
+    except Exception as e:
+        raise ValueError(f"the visual tokenizer at {p} is corrupted or incomplete ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it and train it again") from None
     return tok.eval()
 
 def visual_tokenizer_path(cfg: VisualTokenizerConfig = VisualTokenizerConfig(), progress: bool = True) -> Path:
@@ -477,7 +526,9 @@ def load_lavit(path, # a folder written by `save_lavit`
               ):
     "(model, processor) from a folder written by `save_lavit`, with a clear error when it is missing or broken."
     p = Path(path).expanduser()
-    if not (p / "lm" / "config.json").exists(): raise ValueError(f"no LaVIT checkpoint at {p} (no lm/config.json): train one with `lavit_vlm_path()` or write one with `save_lavit`")
+    if not (p / "lm" / "config.json").exists():
+        raise ValueError(f"no LaVIT checkpoint at {p} (no lm/config.json): train one with `lavit_vlm_path()` or "
+                         "write one with `save_lavit`")
     prev, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -485,7 +536,9 @@ def load_lavit(path, # a folder written by `save_lavit`
         model = LlamaForCausalLM.from_pretrained(p / "lm")
         tok = AutoTokenizer.from_pretrained(p / "lm")
         tower = CLIPVisionModel.from_pretrained(p / "tower")
-    except Exception as e: raise ValueError(f"the LaVIT checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and train it again") from None
+    except Exception as e:
+        raise ValueError(f"the LaVIT checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it and train it again") from None
     finally:
         hf_logging.set_verbosity(prev)
         if bars: hf_logging.enable_progress_bar()
@@ -495,13 +548,15 @@ def load_lavit(path, # a folder written by `save_lavit`
 LAVIT_RECIPE = 1  # bump when the code changes what a LavitConfig trains
 
 def lavit_vlm_path(progress: bool = True, cfg: LavitConfig = LavitConfig()) -> Path:
-    "The cached checkpoint folder of the course's LaVIT model (tokenizer and LM trained on first use, about 3 minutes on one CPU thread)."
+    """The cached checkpoint folder of the course's LaVIT model (tokenizer
+    and LM trained on first use, about 3 minutes on one CPU thread)."""
     def build(folder):
         old = torch.get_num_threads()
         torch.set_num_threads(1)
         try: model, proc, hist = train_lavit(cfg, progress=progress)
         finally: torch.set_num_threads(old)
-        save_lavit(model, proc, folder / "model", {k: v for k, v in hist.items() if k != "losses"} | {"losses": hist["losses"][::10]})
+        save_lavit(model, proc, folder / "model",
+                   {k: v for k, v in hist.items() if k != "losses"} | {"losses": hist["losses"][::10]})
     key = {"lavit": cfg, "base": training_key(cfg.base), "clip": clip_cache_key(cfg.tokenizer.clip), "recipe": LAVIT_RECIPE}
     return cached_artifact("lavit", key, build) / "model"
 
@@ -509,5 +564,7 @@ def lavit_vlm(device: str = None, progress: bool = True):
     "(model, processor) of the course's LaVIT model: trained once, then loaded from the cache."
     return load_lavit(lavit_vlm_path(progress), device=device or "cpu")
 
-register(ModelEntry("lavit", "a Llama that reads images as discrete visual tokens (LaVIT's dynamic tokenizer), aligned at the base model's budget",
-                    "11_lavit", "vlmcourse.lavit:lavit_vlm_path", loader="vlmcourse.lavit:load_lavit", answerer="vlmcourse.lavit:answerer"))
+register(ModelEntry("lavit",
+                    "a Llama that reads images as discrete visual tokens (LaVIT's dynamic tokenizer), "
+                    "aligned at the base model's budget", "11_lavit", "vlmcourse.lavit:lavit_vlm_path",
+                    loader="vlmcourse.lavit:load_lavit", answerer="vlmcourse.lavit:answerer"))

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
-                          get_cosine_schedule_with_warmup)
+from transformers import (AutoModelForImageTextToText, AutoProcessor, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, get_cosine_schedule_with_warmup)
 from transformers.utils import logging as hf_logging
 
 from .cache import cached_artifact, write_atomically
 from .registry import ModelEntry, register
-from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, absent_mentions, build_tokenizer, caption, questions,
-                             world_words, pope_probes, render, sample_scenes)
+from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, absent_mentions,
+                             build_tokenizer, caption, questions, world_words, pope_probes, render, sample_scenes)
 from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_vision_state_dict, image_processor, to_rgb,
                             vision_config)
 
@@ -37,7 +37,8 @@ __all__ = ['PHASE_GRID', 'LlavaModelConfig', 'build_processor', 'chat_prompt', '
 class LlavaModelConfig:
     "Sizes of the tiny LLaVA: 01_clip's ViT, an MLP projector and a Llama decoder."
     vision: VisionTowerConfig = VisionTowerConfig()  # the vision tower: 01_clip's, so that its trained weights load as they are
-    vision_feature_select: str = "full"  # 'full' keeps CLIP's CLS token, a summary of the whole image that "is there a ...?" reads; LLaVA-1.5 drops it ('default')
+    # 'full' keeps CLIP's CLS token, a summary of the whole image that "is there a ...?" reads; LLaVA-1.5 drops it ('default')
+    vision_feature_select: str = "full"
     text_hidden: int = 64  # decoder width (the projector maps vision_hidden -> text_hidden)
     text_layers: int = 2  # decoder depth: enough to learn the world's grammar and its co-occurrence prior
     text_heads: int = 4  # 16-dim heads
@@ -54,17 +55,22 @@ class LlavaModelConfig:
 
     def __post_init__(self):
         if self.vision_feature_select not in ("default", "full"):
-            raise ValueError(f"vision_feature_select must be 'default' (drop CLS) or 'full' (keep it), not {self.vision_feature_select!r}")
+            raise ValueError("vision_feature_select must be 'default' (drop CLS) or 'full' (keep it), "
+                             f"not {self.vision_feature_select!r}")
 
 # %% ../nbs/02_llava.ipynb 8
 def build_processor(wcfg: WorldConfig, # the world whose words the tokenizer knows
                     mcfg: LlavaModelConfig = LlavaModelConfig(), # the model the images are prepared for
                    ) -> LlavaProcessor:
     "A `LlavaProcessor` built locally: the world's word-level tokenizer and a CLIP image processor."
-    if wcfg.image_size != mcfg.image_size: raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {mcfg.image_size} px: make them equal")
+    if wcfg.image_size != mcfg.image_size:
+        raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {mcfg.image_size} px: "
+                         "make them equal")
     tok = build_tokenizer(wcfg)
-    return LlavaProcessor(image_processor=image_processor(mcfg.vision), tokenizer=tok, patch_size=mcfg.vision.patch_size, vision_feature_select_strategy=mcfg.vision_feature_select,
-                          num_additional_image_tokens=1, chat_template=tok.chat_template)
+    return LlavaProcessor(image_processor=image_processor(mcfg.vision), tokenizer=tok,
+                          patch_size=mcfg.vision.patch_size,
+                          vision_feature_select_strategy=mcfg.vision_feature_select, num_additional_image_tokens=1,
+                          chat_template=tok.chat_template)
 
 def chat_prompt(processor, question: str) -> str:
     "The generation prompt for one image and one question, rendered by the processor's chat template."
@@ -80,12 +86,13 @@ def build_vlm(processor, # from `build_processor`: gives the vocabulary and the 
     tok = processor.tokenizer
     vis = vision_config(mcfg.vision)  # 01_clip's tower
     txt = LlamaConfig(vocab_size=len(tok), hidden_size=mcfg.text_hidden, intermediate_size=3 * mcfg.text_hidden,
-                      num_hidden_layers=mcfg.text_layers, num_attention_heads=mcfg.text_heads, num_key_value_heads=mcfg.text_heads,
-                      max_position_embeddings=mcfg.max_positions, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=None, tie_word_embeddings=mcfg.tie_embeddings)
-    config = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      image_seq_length=mcfg.num_image_tokens, vision_feature_layer=-1, vision_feature_select_strategy=mcfg.vision_feature_select,
+                      num_hidden_layers=mcfg.text_layers, num_attention_heads=mcfg.text_heads,
+                      num_key_value_heads=mcfg.text_heads, max_position_embeddings=mcfg.max_positions,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                       tie_word_embeddings=mcfg.tie_embeddings)
+    config = LlavaConfig(vision_config=vis, text_config=txt, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      image_seq_length=mcfg.num_image_tokens, vision_feature_layer=-1,
+                      vision_feature_select_strategy=mcfg.vision_feature_select, tie_word_embeddings=mcfg.tie_embeddings)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
@@ -96,7 +103,8 @@ def check_texts(texts, what: str):
     "A clear error unless `texts` is a list of non-empty strings (`what` names it in the message)."
     if isinstance(texts, str): raise TypeError(f"{what} must be a list of strings, not one string")
     for t in texts:
-        if not isinstance(t, str) or not t.strip(): raise ValueError(f"every entry of {what} must be a non-empty string, got {t!r}")
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"every entry of {what} must be a non-empty string, got {t!r}")
 
 def text_prompt(tokenizer, question: str) -> str:
     "The generation prompt for a question with no image, rendered by the tokenizer's chat template."
@@ -122,8 +130,10 @@ def pack_examples(pairs: list, # (prompt ids, answer ids) per example, tokenised
     return out
 
 def template_closes_turns(processor) -> bool:
-    "Whether the chat template ends an assistant turn with the end-of-sequence token (the course's, Qwen2-VL's, SmolVLM's and Vicuna's do; LLaVA-1.5's does not)."
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+    """Whether the chat template ends an assistant turn with the end-of-sequence token
+    (the course's, Qwen2-VL's, SmolVLM's and Vicuna's do; LLaVA-1.5's does not)."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
     return processor.apply_chat_template(msgs, tokenize=False).rstrip().endswith(processor.tokenizer.eos_token)
 
 def split_exchange(processor, question: str, answer: str) -> tuple:
@@ -133,28 +143,33 @@ def split_exchange(processor, question: str, answer: str) -> tuple:
     if not template_closes_turns(processor): answer = f"{answer} {processor.tokenizer.eos_token}"
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    full = processor.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                                         tokenize=False)
     n = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return full[:n], full[n:]
 
 def sft_batch(processor, # a VLM's processor (LLaVA, Qwen2-VL, Idefics3, InstructBLIP, ...)
               images, # PIL images, or None for text-only examples
               questions: list, # the user's text, one per example
-              answers: list, # the assistant's reply, one per example, closed as the chat template closes a turn (else by the end-of-sequence token)
+              # the assistant's reply, one per example, closed as the template closes a turn (else by the end-of-sequence token)
+              answers: list,
              ) -> dict:
     "Model inputs with `labels` that score the answers only (prompt and padding are -100), padded on the right."
     check_texts(questions, "questions")
     check_texts(answers, "answers")
     if len(questions) != len(answers): raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     tok = processor.tokenizer
-    if images is None: enc = tok([text_prompt(tok, q) for q in questions], return_tensors="pt", padding=True, padding_side="right")
+    if images is None:
+        enc = tok([text_prompt(tok, q) for q in questions], return_tensors="pt", padding=True, padding_side="right")
     else:
         if len(images) != len(questions): raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        split = [split_exchange(processor, q, a) for q, a in zip(questions, answers)]  # the template's text before and after each answer
+        # the template's text before and after each answer
+        split = [split_exchange(processor, q, a) for q, a in zip(questions, answers)]
         enc = processor(text=[p for p, _ in split], images=[to_rgb(i) for i in images],
                         return_tensors="pt", padding=True, padding_side="right")  # the one processor pass: prompts and images
     prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]  # [B] lists, padding dropped
-    completions = answer_ids(tok, answers) if images is None else tok([c for _, c in split], add_special_tokens=False)["input_ids"]
+    completions = (answer_ids(tok, answers) if images is None
+                   else tok([c for _, c in split], add_special_tokens=False)["input_ids"])
     batch = pack_examples(list(zip(prompts, completions)), tok.pad_token_id)  # prompt and answer tokenised apart, as TRL does
     batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")})  # pixel_values
     return batch
@@ -180,7 +195,7 @@ def train_loop(model, # the model to train in place
                lr: float, # peak learning rate
                warmup: float = 0.1, # fraction of steps of linear warm-up
                clip_grad: float = 1.0, # max gradient norm
-               params=None, # the parameters to train, or AdamW parameter groups with their own "lr" (default: all that require grad)
+               params=None, # parameters to train, or AdamW parameter groups with their own "lr" (default: all that require grad)
                desc: str = "train", # progress-bar label
                loss_fn=None, # loss_fn(model, batch) -> scalar; default: the model's own loss
                progress: bool = True,
@@ -393,8 +408,12 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
     p = Path(str(path_or_id)).expanduser()
     local = p.exists() or str(path_or_id).startswith((".", "/", "~")) or os.sep + os.sep in str(path_or_id)
     if local:
-        if not p.is_dir(): raise FileNotFoundError(f"no checkpoint folder at {p}: train one with `vlmcourse train`, or pass a folder written by save_vlm")
-        if not (p / "config.json").exists(): raise ValueError(f"{p} is not a model checkpoint (no config.json): pass a folder written by save_vlm or save_pretrained")
+        if not p.is_dir():
+            raise FileNotFoundError(f"no checkpoint folder at {p}: train one with `vlmcourse train`, "
+                                    "or pass a folder written by save_vlm")
+        if not (p / "config.json").exists():
+            raise ValueError(f"{p} is not a model checkpoint (no config.json): pass a folder written by save_vlm or "
+                             "save_pretrained")
     try:
         prev = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -406,11 +425,16 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
             hf_logging.set_verbosity(prev)
             hf_logging.enable_progress_bar()
     except Exception as e:  # a truncated file, a bad header, a wrong config: each library raises its own type
-        if local: raise ValueError(f"the checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete it and save or train it again") from None
-        raise ValueError(f"could not load {path_or_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        if local:
+            raise ValueError(f"the checkpoint at {p} is corrupted or incomplete ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); delete it and save or train it again") from None
+        raise ValueError(f"could not load {path_or_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); "
                          "check the id, and that this machine is online with HF_HUB_OFFLINE unset") from None
-    if getattr(processor, "chat_template", None) is None and getattr(getattr(processor, "tokenizer", None), "chat_template", None):
-        processor.chat_template = processor.tokenizer.chat_template  # InstructBLIP's processor drops its template on loading; its tokenizer keeps it
+    if (getattr(processor, "chat_template", None) is None
+            and getattr(getattr(processor, "tokenizer", None), "chat_template", None)):
+        # InstructBLIP's processor drops its template on loading; its tokenizer keeps it
+        processor.chat_template = processor.tokenizer.chat_template
     return model.to(device).eval(), processor
 
 # %% ../nbs/02_llava.ipynb 37
@@ -423,11 +447,14 @@ def story_figures(model, processor, # a VLM and its processor
     typical scenes (POPE's random probes), presence answers on counter-prior scenes (adversarial probes, which ask
     about the missing partner), and counter-prior captions that name an absent shape."""
     typical, counter = (sample_scenes(wcfg, n, seed=seed, kind=k) for k in ("typical", "counter"))
-    images = {"typical": [render(s, wcfg) for s in typical], "counter": [render(s, wcfg) for s in counter]}  # rendered once, asked twice
-    out = {"typical exact": float(np.mean([c == caption(s, wcfg) for c, s in zip(describe(model, processor, images["typical"]), typical)]))}
+    # rendered once, asked twice
+    images = {"typical": [render(s, wcfg) for s in typical], "counter": [render(s, wcfg) for s in counter]}
+    out = {"typical exact": float(np.mean([c == caption(s, wcfg)
+                                           for c, s in zip(describe(model, processor, images["typical"]), typical)]))}
     for kind, scenes, split in (("typical", typical, "random"), ("counter", counter, "adversarial")):
         probes = pope_probes(scenes, wcfg, split)
-        replies = generate(model, processor, [images[kind][p["scene_idx"]] for p in probes], [p["question"] for p in probes], max_new_tokens=4)
+        replies = generate(model, processor, [images[kind][p["scene_idx"]] for p in probes],
+                           [p["question"] for p in probes], max_new_tokens=4)
         out[f"{kind} presence"] = float(np.mean([r.split(" ")[0] == p["label"] for r, p in zip(replies, probes)]))
     caps = describe(model, processor, images["counter"])
     out["counter hallucinated"] = float(np.mean([bool(absent_mentions(c, s, wcfg)) for c, s in zip(caps, counter)]))  # CHAIR_s
@@ -445,13 +472,15 @@ def reads_the_world(f: dict) -> bool:
 
 # %% ../nbs/02_llava.ipynb 39
 def training_key(tcfg: BaseTrainConfig) -> dict:
-    "What a model trained by `train_base(tcfg)` depends on: its recipe, the tokenizer's words and chat template, and CLIP's config."
+    """What a model trained by `train_base(tcfg)` depends on: its recipe,
+    the tokenizer's words and chat template, and CLIP's config."""
     key = {"train": tcfg, "words": world_words(tcfg.world), "special_tokens": SPECIAL_TOKENS, "chat_template": CHAT_TEMPLATE}
     if tcfg.clip_init: key["clip"] = clip_cache_key(ClipTrainConfig(world=tcfg.world, vision=tcfg.model.vision))
     return key
 
 def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig, check, progress: bool) -> Path:
-    "The cached checkpoint folder of the model `train_base` trains (on first use): the first seed whose `story_figures` pass `check`."
+    """The cached checkpoint folder of the model `train_base` trains (on
+    first use): the first seed whose `story_figures` pass `check`."""
     def build(folder):
         tries = []
         for k in range(tcfg.seed_tries):
@@ -459,7 +488,8 @@ def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig
             f = story_figures(model, proc, probe_world)  # the biased world's scenes, for the oracle too
             tries.append({"seed": tcfg.seed + k, "seconds": hist["seconds"], **f, "passes": check(f)})
             if tries[-1]["passes"]: break
-            print(f"{name}, seed {tcfg.seed + k}: does not pass {check.__name__} ({', '.join(f'{k_} {v:.2f}' for k_, v in f.items())})"
+            print(f"{name}, seed {tcfg.seed + k}: does not pass {check.__name__} "
+                  f"({', '.join(f'{k_} {v:.2f}' for k_, v in f.items())})"
                   + ("; training the next seed" if k + 1 < tcfg.seed_tries else "; keeping it, the last try"))
         save_vlm(model, proc, folder, history={
             "seconds": hist["seconds"], "stage1_seconds": hist["stage1_seconds"], "stage2_seconds": hist["stage2_seconds"],
@@ -497,13 +527,15 @@ def oracle_vlm(tcfg: BaseTrainConfig = BaseTrainConfig(), device: str = None, pr
     "(model, processor) of the oracle, the floor of hallucination that alignment is measured against: trained once, then cached."
     return load_vlm(oracle_vlm_path(tcfg, progress), device=device or "cpu")
 
-register(ModelEntry("base", "the base model: exact on typical scenes, names the missing partner on counter-prior ones", "02_llava",
-                    "vlmcourse.llava:base_vlm_path"))
+register(ModelEntry("base",
+                    "the base model: exact on typical scenes, names the missing partner on counter-prior ones",
+                    "02_llava", "vlmcourse.llava:base_vlm_path"))
 register(ModelEntry("oracle", "the same recipe on a world without the prior: the floor alignment is measured against", "02_llava",
                     "vlmcourse.llava:oracle_vlm_path"))
 
 # %% ../nbs/02_llava.ipynb 59
-PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))  # the diagram's cells; the course's recipe is (1.0, 0.21)
+# the diagram's cells; the course's recipe is (1.0, 0.21)
+PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))
 
 def phase_point(align_prior: float, # P(partner | object) in the alignment data
                 stage1_ratio: float, # text-only captions, as a share of the alignment stage's examples

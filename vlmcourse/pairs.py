@@ -75,7 +75,8 @@ def clean_view(pixels): return pixels  # the image as it is
 def contrastive_logits(logits: torch.Tensor, # [B, V] next-token logits of the primary input
                        logits_contrast: torch.Tensor, # [B, V] those of the contrast input
                        alpha: float = 1.0, # how hard to push away from the contrast (BPO's default 1)
-                       cutoff: float = 0.2, # plausibility cut-off (the papers' beta): keep tokens with p >= cutoff * max p (BPO's default 0.2)
+                       # plausibility cut-off (the papers' beta): keep tokens with p >= cutoff * max p (BPO's default 0.2)
+                       cutoff: float = 0.2,
                       ) -> torch.Tensor:
     "VCD's rule: (1 + alpha) logits - alpha logits_contrast, with implausible tokens (under `logits`) set to -inf."
     out = (1 + alpha) * logits - alpha * logits_contrast
@@ -106,7 +107,8 @@ def decode(model, processor,
     if isinstance(images, Image.Image): images = [images]
     if isinstance(questions, str): questions = [questions] * len(images)
     if len(images) != len(questions): raise ValueError(f"{len(images)} images but {len(questions)} questions")
-    if alpha < 0 or not 0 <= cutoff <= 1: raise ValueError(f"need alpha >= 0 and 0 <= cutoff <= 1, got alpha={alpha}, cutoff={cutoff}")
+    if alpha < 0 or not 0 <= cutoff <= 1:
+        raise ValueError(f"need alpha >= 0 and 0 <= cutoff <= 1, got alpha={alpha}, cutoff={cutoff}")
     tok, dev = processor.tokenizer, next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     model.eval()
@@ -154,7 +156,8 @@ def weakened_answers(model, processor,
     if decoder not in NEGATIVE_DECODERS: raise ValueError(f"decoder must be one of {NEGATIVE_DECODERS}, not {decoder!r}")
     noisy = noise_view(noise_step, seed)
     if decoder == "plain": return decode(model, processor, images, questions, view=noisy, **kw)
-    if decoder == "contrastive": return decode(model, processor, images, questions, view=noisy, contrast=clean_view, alpha=alpha, cutoff=cutoff, **kw)
+    if decoder == "contrastive":
+        return decode(model, processor, images, questions, view=noisy, contrast=clean_view, alpha=alpha, cutoff=cutoff, **kw)
     return decode(model, processor, images, questions, view=clean_view, contrast=noisy, alpha=alpha, cutoff=cutoff, **kw)
 
 # %% ../nbs/06_pairs.ipynb 31
@@ -246,7 +249,8 @@ def rule_rewriter(wcfg: WorldConfig, # the world whose words the captions use
         words = text.split()
         missing = [partner[w] for w in words if w in partner and partner[w] not in words]
         if missing and words[-1:] == ["."]:
-            return " ".join(words[:-1] + ["and", "a", rng.choice(wcfg.colours), rng.choice(missing), "at", rng.choice(wcfg.positions), "."])
+            return " ".join(words[:-1]
+                            + ["and", "a", rng.choice(wcfg.colours), rng.choice(missing), "at", rng.choice(wcfg.positions), "."])
         cols = [k for k, w in enumerate(words) if w in wcfg.colours]
         if not cols: return text
         k = rng.choice(cols)
@@ -267,7 +271,8 @@ def hf_rewriter(generator, # a model id, or a `transformers` text-generation pip
     tok = generator.tokenizer
     def rewrite(text: str) -> str:
         prompt = instruction.format(text=text)
-        if tok.chat_template: prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        if tok.chat_template:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
         out = generator(prompt, max_new_tokens=max_new_tokens, return_full_text=False, **generate_kwargs)[0]["generated_text"]
         return out.strip().split("\n")[0]
     return rewrite
@@ -319,7 +324,8 @@ def seva_answers(model, processor,
         idx = [k for k, a in enumerate(augmentations) if a == aug]
         if not idx: continue
         if aug.startswith("noise"):
-            ans = decode(model, processor, [images[k] for k in idx], [questions[k] for k in idx], view=noise_view(int(aug[5:]), seed), **kw)
+            ans = decode(model, processor, [images[k] for k in idx], [questions[k] for k in idx],
+                         view=noise_view(int(aug[5:]), seed), **kw)
         else:
             ans = decode(model, processor, [pil[aug](to_rgb(images[k])) for k in idx], [questions[k] for k in idx], **kw)
         for k, a in zip(idx, ans): out[k] = a
@@ -347,11 +353,14 @@ class PairConfig:
     def __post_init__(self):
         for f in ("counter_frac", "caption_frac", "partner_question_frac"):
             if not 0 <= getattr(self, f) <= 1: raise ValueError(f"{f} is a fraction in [0, 1], got {getattr(self, f)}")
-        if self.decoder not in ("plain", "contrastive"): raise ValueError(f"decoder must be 'plain' or 'contrastive', not {self.decoder!r}")
+        if self.decoder not in ("plain", "contrastive"):
+            raise ValueError(f"decoder must be 'plain' or 'contrastive', not {self.decoder!r}")
         if not 0 <= self.noise_step < NOISE_STEPS: raise ValueError(f"noise_step must be in 0..{NOISE_STEPS - 1}")
-        if not self.injections or set(self.injections) - set(INJECTIONS): raise ValueError(f"injections must be a non-empty subset of {INJECTIONS}")
+        if not self.injections or set(self.injections) - set(INJECTIONS):
+            raise ValueError(f"injections must be a non-empty subset of {INJECTIONS}")
         bad = set(self.seva_augmentations) - set(SEVA_AUGMENTATIONS)
-        if bad or not self.seva_augmentations: raise ValueError(f"seva_augmentations must be a non-empty subset of {SEVA_AUGMENTATIONS}")
+        if bad or not self.seva_augmentations:
+            raise ValueError(f"seva_augmentations must be a non-empty subset of {SEVA_AUGMENTATIONS}")
 
 def pair_prompt(scene: Scene, wcfg: WorldConfig, rng: random.Random, pcfg: PairConfig = PairConfig()) -> tuple:
     "(question, true answer): the caption prompt, or a presence question (half about a present shape)."
@@ -359,7 +368,8 @@ def pair_prompt(scene: Scene, wcfg: WorldConfig, rng: random.Random, pcfg: PairC
     if rng.random() < 0.5: return presence_question(rng.choice(sorted(scene.shapes))), "yes ."
     missing = missing_partners(scene, wcfg)
     absent = [s for s in wcfg.shapes if s not in scene.shapes]
-    return presence_question(rng.choice(missing) if missing and rng.random() < pcfg.partner_question_frac else rng.choice(absent)), "no ."
+    return presence_question(rng.choice(missing) if missing and rng.random() < pcfg.partner_question_frac
+                             else rng.choice(absent)), "no ."
 
 def _flip(answer): return "no ." if answer == "yes ." else "yes ."
 
@@ -397,7 +407,8 @@ def build_pairs(model, processor, # the model whose negatives are decoded (BPO's
                     rejected[j] = _flip(a)
                     continue
                 can = [k for k in pcfg.injections if k in applicable_injections(scenes[j], wcfg)]
-                rejected[j] = injected_caption(scenes[j], wcfg, rng, rng.choice(can)) if can else None  # None: the candidate is dropped
+                # None: the candidate is dropped
+                rejected[j] = injected_caption(scenes[j], wcfg, rng, rng.choice(can)) if can else None
         if idx.get("bpo_noise"):
             J = idx["bpo_noise"]
             ans = weakened_answers(model, processor, [imgs[j] for j in J], [qa[j][0] for j in J], pcfg.noise_step, pcfg.decoder,
@@ -417,7 +428,8 @@ def build_pairs(model, processor, # the model whose negatives are decoded (BPO's
                 bar.update(1)
     bar.close()
     if sum(quota.values()):
-        raise RuntimeError(f"only {len(rows)} of {n} '{source}' pairs after {pcfg.max_rounds} rounds: the negatives rarely differ "
+        raise RuntimeError(f"only {len(rows)} of {n} '{source}' pairs after {pcfg.max_rounds} rounds: "
+                           "the negatives rarely differ "
                            "from the positives; use a stronger weakening (PairConfig.noise_step) or another source")
     perm = random.Random(f"shuffle-{seed}").sample(range(n), n)
     rows = [rows[k] for k in perm]

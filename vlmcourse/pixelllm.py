@@ -62,22 +62,28 @@ def point_loss(pred: torch.Tensor, # [B, T, 2] predicted points, (x, y) in [0, 1
     for k, v in (("pred", pred), ("target", target), ("mask", mask)):
         if not isinstance(v, torch.Tensor): raise TypeError(f"{k} must be a torch.Tensor, not {type(v).__name__}")
     if pred.ndim != 3 or pred.shape[-1] != 2: raise ValueError(f"pred must have shape [B, T, 2], got {tuple(pred.shape)}")
-    if target.shape != pred.shape: raise ValueError(f"target has shape {tuple(target.shape)} but pred {tuple(pred.shape)}: they must be the same")
-    if mask.dtype != torch.bool: raise ValueError(f"mask must be a bool tensor (True where a token has a location), got {mask.dtype}")
-    if mask.shape != pred.shape[:2]: raise ValueError(f"mask must have shape [B, T] = {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
+    if target.shape != pred.shape:
+        raise ValueError(f"target has shape {tuple(target.shape)} but pred {tuple(pred.shape)}: they must be the same")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True where a token has a location), got {mask.dtype}")
+    if mask.shape != pred.shape[:2]:
+        raise ValueError(f"mask must have shape [B, T] = {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
     if not mask.any(): raise ValueError("the mask is empty: no token in the batch has a location, so there is no point loss; "
                                        "skip the term for such a batch, or give it tokens with targets")
     t = target[mask]  # [N, 2]
-    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any(): raise ValueError("targets must be points in [0, 1]^2 at the masked tokens")
+    if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+        raise ValueError("targets must be points in [0, 1]^2 at the masked tokens")
     return (pred[mask] - t).abs().mean()
 
 # %% ../nbs/10_pixelllm.ipynb 22
 @dataclass(frozen=True)
 class PixelHeadConfig:
     "PixelLLM's two additions to the LLaVA: the point head on the decoder's word features, and the location prompt's encoder."
-    hidden: int = 128  # the MLPs' width: PixelLLM's head is 512 wide on a 4096-wide LM; 2x our 64-wide decoder is plenty for 2 numbers
+    # the MLPs' width: PixelLLM's head is 512 wide on a 4096-wide LM; 2x our 64-wide decoder is plenty for 2 numbers
+    hidden: int = 128
     depth: int = 3  # linear layers in the point head (PixelLLM: 3 to 4)
-    fourier: int = 16  # random frequencies per point for the location prompt, as SAM's prompt encoder (which PixelLLM uses) maps points
+    # random frequencies per point for the location prompt, as SAM's prompt encoder (which PixelLLM uses) maps points
+    fourier: int = 16
     fourier_scale: float = 1.0  # std of those frequencies; SAM's default: low enough that nearby points get similar features
     seed: int = 0  # the head's initial weights and its fixed random frequencies
 
@@ -96,14 +102,16 @@ def _mlp(d_in, hidden, d_out, depth):
     return nn.Sequential(*layers)
 
 class PixelHead(nn.Module):
-    "The point head p_t = sigmoid(MLP(LN(h_t))) on the decoder's last hidden state, and the location encoder (Fourier features, then an MLP, into one input embedding)."
-    def __init__(self, d_model: int, # the decoder's width: the head reads its hidden states, the encoder writes one of its embeddings
+    """The point head p_t = sigmoid(MLP(LN(h_t))) on the decoder's last hidden state, and
+    the location encoder (Fourier features, then an MLP, into one input embedding)."""
+    def __init__(self, d_model: int, # the decoder's width: the head reads its hidden states, the encoder writes an embedding
                  hcfg: PixelHeadConfig = PixelHeadConfig()):
         super().__init__()
         if not isinstance(hcfg, PixelHeadConfig): raise TypeError(f"hcfg must be a PixelHeadConfig, not {type(hcfg).__name__}")
         self.hcfg, self.d_model = hcfg, d_model
         g = torch.Generator().manual_seed(hcfg.seed)
-        self.register_buffer("freqs", hcfg.fourier_scale * torch.randn(2, hcfg.fourier, generator=g))  # [2, F], fixed, saved with the head
+        # [2, F], fixed, saved with the head
+        self.register_buffer("freqs", hcfg.fourier_scale * torch.randn(2, hcfg.fourier, generator=g))
         torch.manual_seed(hcfg.seed)
         self.norm = nn.LayerNorm(d_model)  # PixelLLM's optional pre-LayerNorm
         self.point = _mlp(d_model, hcfg.hidden, 2, hcfg.depth)
@@ -112,7 +120,8 @@ class PixelHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         "[B, T, D] decoder hidden states -> [B, T, 2] points in [0, 1]^2."
-        if hidden.ndim != 3 or hidden.shape[-1] != self.d_model: raise ValueError(f"hidden must be [B, T, {self.d_model}], got {tuple(hidden.shape)}")
+        if hidden.ndim != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"hidden must be [B, T, {self.d_model}], got {tuple(hidden.shape)}")
         return torch.sigmoid(self.point(self.norm(hidden)))
 
     def fourier_features(self, xy: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,8 @@ class PixelHead(nn.Module):
     def encode_location(self, xy: torch.Tensor) -> torch.Tensor:
         "[N, 2] points in [0, 1]^2 -> [N, D]: the input embedding that stands for the point in the prompt."
         if xy.ndim != 2 or xy.shape[-1] != 2: raise ValueError(f"points must be [N, 2], got {tuple(xy.shape)}")
-        if (xy < 0).any() or (xy > 1).any(): raise ValueError("points must lie in [0, 1]^2 (x and y as fractions of the image's width and height)")
+        if (xy < 0).any() or (xy > 1).any():
+            raise ValueError("points must lie in [0, 1]^2 (x and y as fractions of the image's width and height)")
         return self.location(self.fourier_features(xy))
 
 # %% ../nbs/10_pixelllm.ipynb 25
@@ -136,7 +146,8 @@ def _location_hook(head, slot_id):
         ids = inputs[0]
         slot = ids == slot_id  # [B, T]
         if not slot.any(): return None  # a decoding step after the prompt
-        if head.pending.shape[0] != ids.shape[0]: raise ValueError(f"{head.pending.shape[0]} points for a batch of {ids.shape[0]} prompts")
+        if head.pending.shape[0] != ids.shape[0]:
+            raise ValueError(f"{head.pending.shape[0]} points for a batch of {ids.shape[0]} prompts")
         emb = head.encode_location(head.pending.to(output.device))  # [B, D]
         out = output.clone()
         out[slot] = emb[slot.nonzero()[:, 0]].to(out.dtype)  # each slot gets its row's point
@@ -148,19 +159,23 @@ def attach_head(model, # a LLaVA (`LlavaForConditionalGeneration`)
                 slot_token: str = "<unk>", # the prompt token whose embedding a location replaces
                 tokenizer=None, # to find the slot token's id; default: id 1, the course's <unk>
                ):
-    "Attach `head` as `model.pixel_head` and hook the input embeddings so that a location prompt's slot reads the point; returns the model."
+    """Attach `head` as `model.pixel_head` and hook the input embeddings so
+    that a location prompt's slot reads the point; returns the model."""
     if getattr(model, "pixel_head", None) is not None: raise ValueError("the model already has a pixel head")
     if head.d_model != model.config.text_config.hidden_size:
-        raise ValueError(f"the head is {head.d_model} wide but the decoder {model.config.text_config.hidden_size}: build it with the decoder's hidden_size")
+        raise ValueError(f"the head is {head.d_model} wide but the decoder {model.config.text_config.hidden_size}: "
+                         "build it with the decoder's hidden_size")
     slot_id = tokenizer.convert_tokens_to_ids(slot_token) if tokenizer is not None else 1
-    model.pixel_head = head.to(next(model.parameters()).device)  # a submodule: it moves and trains with the model; `save_pixelllm` saves it apart
+    # a submodule: it moves and trains with the model; `save_pixelllm` saves it apart
+    model.pixel_head = head.to(next(model.parameters()).device)
     model.get_input_embeddings().register_forward_hook(_location_hook(head, slot_id))
     return model
 
 def pixel_head(model) -> PixelHead:
     "The model's point head, with a clear error when it has none."
     head = getattr(model, "pixel_head", None)
-    if head is None: raise ValueError("this model has no point head: load it with `load_pixelllm`, or attach one with `attach_head`")
+    if head is None:
+        raise ValueError("this model has no point head: load it with `load_pixelllm`, or attach one with `attach_head`")
     return head
 
 class location_prompt:
@@ -169,7 +184,8 @@ class location_prompt:
     def __enter__(self):
         p = torch.as_tensor(self.points, dtype=torch.float32)
         if p.ndim != 2 or p.shape[-1] != 2: raise ValueError(f"points must be [B, 2], got {tuple(p.shape)}")
-        if (p < 0).any() or (p > 1).any(): raise ValueError("points must lie in [0, 1]^2 (fractions of the image's width and height)")
+        if (p < 0).any() or (p > 1).any():
+            raise ValueError("points must lie in [0, 1]^2 (fractions of the image's width and height)")
         self.head.pending = p
         return self
     def __exit__(self, *exc): self.head.pending = None
@@ -180,12 +196,19 @@ class PixelTrainConfig:
     "How the PixelLLM model is trained from the base model: the point loss beside the caption loss, and location prompts."
     base: BaseTrainConfig = BaseTrainConfig()  # the base model it starts from; its alignment data's world, prior and question mix
     head: PixelHeadConfig = PixelHeadConfig()  # the point head and the location encoder
-    steps: int = 1000  # a third of the base model's alignment stage: at these rates 600 steps grounded the words on seed 0, 1000 leave a margin
+    # a third of the base model's alignment stage: at these rates 600 steps grounded the words on seed 0, 1000 leave a margin
+    steps: int = 1000
     lr: float = 1e-3  # peak rate of the head, the vision tower and the projector; the base model is trained, so below its 1.5e-3
-    lm_lr_scale: float = 1.0  # the language model's rate, relative: its word features must learn to carry the place; at the base recipe's 0.3, 500 steps left the point loss on its plateau
-    point_weight: float = 1.0  # lambda of eq. 3; PixelLLM's 0.1 left the point loss on its plateau after 1500 steps at lm_lr_scale 0.3 (seed 0); 0 is the control
+    # the language model's rate, relative: its word features must learn to carry the
+    # place; at the base recipe's 0.3, 500 steps left the point loss on its plateau
+    lm_lr_scale: float = 1.0
+    # lambda of eq. 3; PixelLLM's 0.1 left the point loss on its plateau
+    # after 1500 steps at lm_lr_scale 0.3 (seed 0); 0 is the control
+    point_weight: float = 1.0
     location_frac: float = 0.2  # share of examples that ask "what is at <point> ?" about one object
-    jitter: float = 0.5  # a location prompt's point is the object's centre moved up to this fraction of its half-size, so the model learns a region, not one pixel
+    # a location prompt's point is the object's centre moved up to this
+    # fraction of its half-size, so the model learns a region, not one pixel
+    jitter: float = 0.5
     batch_size: int = 32  # examples per step, as the base recipe
     warmup: float = 0.1  # fraction of steps warming up: the fresh head's gradients are large at first
     seed: int = 0  # the examples, their order and the head's weights
@@ -194,7 +217,8 @@ class PixelTrainConfig:
         if self.steps < 1: raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.point_weight < 0: raise ValueError(f"point_weight must be >= 0, got {self.point_weight}")
         if not 0 <= self.location_frac <= 1: raise ValueError(f"location_frac is a share in [0, 1], got {self.location_frac}")
-        if not 0 <= self.jitter < 1: raise ValueError(f"jitter must be in [0, 1): the point stays inside the object, got {self.jitter}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1): the point stays inside the object, got {self.jitter}")
 
 def location_answer(obj) -> str:
     "The answer to a location prompt about `obj`: 'a red circle .'"
@@ -221,12 +245,15 @@ class PixelBatches(torch.utils.data.Dataset):
     def __init__(self, processor, wcfg: WorldConfig, examples: list, batch_size: int):
         self.processor, self.wcfg, self.batch_size, self.examples = processor, wcfg, batch_size, examples
         blank = Image.new("RGB", (wcfg.image_size, wcfg.image_size))
-        prompts = {q: processor(text=[chat_prompt(processor, q)], images=[blank])["input_ids"][0] for q in {e["question"] for e in examples}}
+        prompts = {q: processor(text=[chat_prompt(processor, q)], images=[blank])["input_ids"][0]
+                   for q in {e["question"] for e in examples}}
         answers = answer_ids(processor.tokenizer, [e["answer"] for e in examples])
         self.pairs, self.targets = [], []
         for e, a in zip(examples, answers):
             words = e["answer"].split()
-            if len(a) != len(words) + 1: raise ValueError(f"the tokenizer does not give one token per word of {e['answer']!r}: word targets need a word-level tokenizer")
+            if len(a) != len(words) + 1:
+                raise ValueError(f"the tokenizer does not give one token per word of {e['answer']!r}: "
+                                 "word targets need a word-level tokenizer")
             self.pairs.append((prompts[e["question"]], a))
             self.targets.append(word_targets(words, e["scene"], wcfg) + [None])  # the end token has no location
 
@@ -242,8 +269,10 @@ class PixelBatches(torch.utils.data.Dataset):
             for i, t in enumerate(tg):
                 if t is not None: points[r, len(p) + i], mask[r, len(p) + i] = torch.tensor(t), True  # the word's own position
         batch.update(points=points, point_mask=mask,
-                     locations=torch.tensor([e["location"] or (0.5, 0.5) for e in self.examples[sl]]))  # rows without a slot ignore theirs
-        batch["pixel_values"] = self.processor.image_processor([render(e["scene"], self.wcfg) for e in self.examples[sl]], return_tensors="pt")["pixel_values"]
+                     # rows without a slot ignore theirs
+                     locations=torch.tensor([e["location"] or (0.5, 0.5) for e in self.examples[sl]]))
+        batch["pixel_values"] = self.processor.image_processor([render(e["scene"], self.wcfg) for e in self.examples[sl]],
+                                                               return_tensors="pt")["pixel_values"]
         return batch
 
 # %% ../nbs/10_pixelllm.ipynb 33
@@ -252,7 +281,8 @@ PIXEL_KEYS = ("points", "point_mask", "locations")  # what `PixelBatches` adds t
 def pixel_loss_fn(point_weight: float = 0.1, # the point loss's weight; 0: the caption loss alone (the point head does not train)
                   stats: list = None, # if given, each step appends {'caption', 'point'} losses
                  ):
-    "A `loss_fn(model, batch)` for `train_loop`: caption loss + point_weight x the L1 point loss on the words that have a location."
+    """A `loss_fn(model, batch)` for `train_loop`: caption loss +
+    point_weight x the L1 point loss on the words that have a location."""
     def loss_fn(model, batch):
         inputs = {k: v for k, v in batch.items() if k not in PIXEL_KEYS}
         with location_prompt(model, batch["locations"]):
@@ -265,7 +295,8 @@ def pixel_loss_fn(point_weight: float = 0.1, # the point loss's weight; 0: the c
 
 # %% ../nbs/10_pixelllm.ipynb 36
 def pixel_train(pcfg: PixelTrainConfig = PixelTrainConfig(), progress: bool = True):
-    "(model, processor, history): the base model with a fresh point head, trained `pcfg.steps` steps on caption loss + weighted point loss."
+    """(model, processor, history): the base model with a fresh point head,
+    trained `pcfg.steps` steps on caption loss + weighted point loss."""
     if not isinstance(pcfg, PixelTrainConfig): raise TypeError(f"pcfg must be a PixelTrainConfig, not {type(pcfg).__name__}")
     model, proc = load_vlm(base_vlm_path(pcfg.base, progress), device="cpu")
     model.requires_grad_(True)  # load_vlm returns a model for inference
@@ -274,7 +305,8 @@ def pixel_train(pcfg: PixelTrainConfig = PixelTrainConfig(), progress: bool = Tr
     ds = PixelBatches(proc, pcfg.base.world, pixel_examples(pcfg, pcfg.steps * B, seed=pcfg.seed + 3), B)
     lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": pcfg.lr * pcfg.lm_lr_scale},
-              {"params": [p for p in model.parameters() if id(p) not in lm]}]  # vision tower, projector and the head at the full rate
+              # vision tower, projector and the head at the full rate
+              {"params": [p for p in model.parameters() if id(p) not in lm]}]
     stats, old = [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the base model is trained: the weights differ in the last bits with another count
     try:
@@ -284,7 +316,8 @@ def pixel_train(pcfg: PixelTrainConfig = PixelTrainConfig(), progress: bool = Tr
                             loss_fn=pixel_loss_fn(pcfg.point_weight, stats), desc="PixelLLM", progress=progress)
         seconds = time.time() - t0
     finally: torch.set_num_threads(old)
-    hist = dict(loss=losses, caption=[s["caption"] for s in stats], point=[s["point"] for s in stats], seconds=seconds, steps=len(losses))
+    hist = dict(loss=losses, caption=[s["caption"] for s in stats], point=[s["point"] for s in stats],
+                seconds=seconds, steps=len(losses))
     return model.eval(), proc, hist
 
 # %% ../nbs/10_pixelllm.ipynb 38
@@ -312,7 +345,9 @@ def load_pixelllm(path, # a folder written by `save_pixelllm`
     "(model, processor): the LLaVA loaded by `load_vlm`, with its point head attached as `model.pixel_head`."
     from safetensors.torch import load_file
     p = Path(str(path)).expanduser()
-    if not p.is_dir(): raise FileNotFoundError(f"no checkpoint folder at {p}: train it with pixelllm_vlm_path(), or pass a folder written by save_pixelllm")
+    if not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {p}: train it with pixelllm_vlm_path(), "
+                                "or pass a folder written by save_pixelllm")
     if not (p / HEAD_WEIGHTS).exists() or not (p / HEAD_CONFIG).exists():
         raise ValueError(f"no point head at {p} (no {HEAD_WEIGHTS} and {HEAD_CONFIG}): pass a folder written by save_pixelllm, "
                          "or load a plain LLaVA checkpoint with load_vlm")
@@ -322,7 +357,8 @@ def load_pixelllm(path, # a folder written by `save_pixelllm`
         head = PixelHead(cfg["d_model"], PixelHeadConfig(**cfg["head"]))
         head.load_state_dict(load_file(str(p / HEAD_WEIGHTS)), strict=True)
     except Exception as e:
-        raise ValueError(f"the point head at {p} is corrupted or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        raise ValueError(f"the point head at {p} is corrupted or incomplete ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); "
                          "delete the folder and save or train it again") from None
     attach_head(model, head.to(dtype=next(model.parameters()).dtype), tokenizer=proc.tokenizer)
     return model.eval(), proc
@@ -337,7 +373,8 @@ def pixelllm_run_path(pcfg: PixelTrainConfig = PixelTrainConfig(), progress: boo
     return cached_artifact("llava-pixelllm", dict(start=training_key(pcfg.base), pixel=pcfg, recipe=PIXEL_RECIPE), build)
 
 def pixelllm_vlm_path(progress: bool = True) -> Path:
-    "The cached checkpoint folder of the course's PixelLLM model: the base model with a point head, trained with the point loss (seed 0)."
+    """The cached checkpoint folder of the course's PixelLLM model: the
+    base model with a point head, trained with the point loss (seed 0)."""
     return pixelllm_run_path(PixelTrainConfig(), progress)
 
 # %% ../nbs/10_pixelllm.ipynb 41
@@ -366,7 +403,8 @@ def ground_words(model, processor, # a LLaVA with a point head (`load_pixelllm`)
     for b, img in enumerate(images):
         pos = (labels[b] != -100).nonzero()[:, 0][:-1]  # the answer's words, the end token dropped
         W, H = img.size
-        result.append([(toks.convert_ids_to_tokens(int(batch["input_ids"][b, t])), float(pts[b, t, 0]) * W, float(pts[b, t, 1]) * H) for t in pos])
+        result.append([(toks.convert_ids_to_tokens(int(batch["input_ids"][b, t])), float(pts[b, t, 0]) * W,
+                        float(pts[b, t, 1]) * H) for t in pos])
     return result[0] if single else result
 
 def describe_at(model, processor, # a LLaVA with a point head and its processor
@@ -378,11 +416,13 @@ def describe_at(model, processor, # a LLaVA with a point head and its processor
     "Location-conditioned captioning: the model's answer to the location prompt about each image's point."
     points = torch.as_tensor(points, dtype=torch.float32)
     if isinstance(images, Image.Image): images = [images]
-    if points.ndim != 2 or points.shape != (len(images), 2): raise ValueError(f"points must be [B, 2] with B = {len(images)} images, got {tuple(points.shape)}")
+    if points.ndim != 2 or points.shape != (len(images), 2):
+        raise ValueError(f"points must be [B, 2] with B = {len(images)} images, got {tuple(points.shape)}")
     out = []
     for i in range(0, len(images), batch_size):
         with location_prompt(model, points[i:i + batch_size]):
-            out += generate(model, processor, images[i:i + batch_size], LOCATION_PROMPT, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            out += generate(model, processor, images[i:i + batch_size], LOCATION_PROMPT,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     return out
 
 def grounded_image(model, processor, # a LLaVA with a point head and its processor
@@ -391,11 +431,13 @@ def grounded_image(model, processor, # a LLaVA with a point head and its process
                    words=None, # the words to draw (default: every word of the text)
                    scale: int = 8, # the image is enlarged this many times, so that the labels are legible
                   ) -> tuple:
-    "(image, text): `image` enlarged, with each word of `text` drawn as a dot and its label at the point the head gives it; for a demo."
+    """(image, text): `image` enlarged, with each word of `text` drawn as
+    a dot and its label at the point the head gives it; for a demo."""
     from PIL import ImageDraw
     from vlmcourse.llava import describe
     if not isinstance(image, Image.Image): raise TypeError(f"image must be a PIL image, not {type(image).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1: raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
     image = image.convert("RGB")
     text = text if text is not None else describe(model, processor, [image])[0]
     if not text.strip(): return image.resize((image.width * scale, image.height * scale), Image.NEAREST), text
@@ -446,19 +488,24 @@ def grounding_rows(model, processor, # a LLaVA with a point head and its process
                 j = i if w in wcfg.shapes else i + 1  # a colour word's shape follows it
                 shape = words[j] if j < len(words) else None
                 named = _named_cell(words, j, wcfg)
-                partner = next((p for p, q in wcfg.partners if q == shape and p in scene.shapes), None)  # the object whose partner it is
-                if named is not None and cell == named: where = "the cell the caption names, " + ("empty" if named not in occupied else "another object's")
-                elif partner is not None and cell == next(o_.cell for o_ in scene.objects if o_.shape == partner): where = "its partner's cell"
+                # the object whose partner it is
+                partner = next((p for p, q in wcfg.partners if q == shape and p in scene.shapes), None)
+                if named is not None and cell == named:
+                    where = "the cell the caption names, " + ("empty" if named not in occupied else "another object's")
+                elif partner is not None and cell == next(o_.cell for o_ in scene.objects if o_.shape == partner):
+                    where = "its partner's cell"
                 elif cell in occupied: where = "another object's cell"
                 else: where = "an empty cell"
                 row.update(status="hallucinated", shape=shape, where=where, named_cell=named,
                            named_empty=named is not None and named not in occupied,
-                           in_its_place=occupied[named].shape if named in occupied else None)  # the real object the caption renames
+                           in_its_place=occupied[named].shape if named in occupied
+                           else None)  # the real object the caption renames
             rows.append(row)
     return rows
 
 def location_rows(model, processor, scenes: list, wcfg: WorldConfig) -> list:
-    "Location-conditioned captioning: one row per object of each scene, asked about at its centre; the reply and whether it names the object."
+    """Location-conditioned captioning: one row per object of each scene,
+    asked about at its centre; the reply and whether it names the object."""
     items = [(k, o) for k, s in enumerate(scenes) for o in s.objects]
     images = [render(s, wcfg) for s in scenes]
     pts = [[c / wcfg.image_size for c in object_centre(o, wcfg)] for _, o in items]
@@ -498,5 +545,6 @@ def pixel_report(model, processor, wcfg: WorldConfig, n: int = 200, seed: int = 
     return fig, words, locs
 
 # %% ../nbs/10_pixelllm.ipynb 46
-register(ModelEntry("pixelllm", "the base model with PixelLLM's point head: a location for every word, and captions of the object at a point",
+register(ModelEntry("pixelllm",
+                    "the base model with PixelLLM's point head: a location for every word, and captions of the object at a point",
                     "10_pixelllm", "vlmcourse.pixelllm:pixelllm_vlm_path", loader="vlmcourse.pixelllm:load_pixelllm"))

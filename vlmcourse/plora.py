@@ -28,17 +28,21 @@ class PLoRAConfig:
     r: int = 8  # rank: 1/8 of our 64-wide decoder (XComposer2: 256 of 4096, 1/16)
     alpha: float = 8.0  # scale alpha / r = 1, as XComposer2's r = alpha = 256
     dropout: float = 0.05  # on the adapter's input, as XComposer2
-    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear layer of a Llama decoder layer, as XComposer2's wqkv, wo, w1, w2, w3
+    # every linear layer of a Llama decoder layer, as XComposer2's wqkv, wo, w1, w2, w3
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self):
-        if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1): raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1):
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not self.alpha > 0: raise ValueError(f"alpha must be positive, got {self.alpha!r}")
         if not 0 <= self.dropout < 1: raise ValueError(f"dropout is a probability in [0, 1), got {self.dropout!r}")
-        if isinstance(self.targets, str) or not self.targets: raise ValueError("targets must be a non-empty tuple of layer names, e.g. ('q_proj', 'v_proj')")
+        if isinstance(self.targets, str) or not self.targets:
+            raise ValueError("targets must be a non-empty tuple of layer names, e.g. ('q_proj', 'v_proj')")
 
 # %% ../nbs/09_plora.ipynb 12
 class PLoRALinear(nn.Module):
-    "`base` plus a low-rank update on image tokens only: h = W x + b + m (alpha/r) B A dropout(x) (XComposer2's Partial LoRA, eq. 3)."
+    """`base` plus a low-rank update on image tokens only: h = W x + b +
+    m (alpha/r) B A dropout(x) (XComposer2's Partial LoRA, eq. 3)."""
     def __init__(self, base: nn.Linear, # the layer to adapt; its weights are kept as they are
                  r: int = 8, # rank of B A
                  alpha: float = 8.0, # the update is scaled by alpha / r
@@ -67,12 +71,16 @@ class PLoRALinear(nn.Module):
                 im_mask: torch.Tensor = None, # [B, T] bool, True at image tokens; default: the mask set by the model's hook
                ) -> torch.Tensor: # [B, T, d_out]
         im_mask = self.im_mask if im_mask is None else im_mask
-        if im_mask is None: raise ValueError("no image mask: pass im_mask [B, T] (bool), or call the layer through a model prepared with add_plora")
+        if im_mask is None:
+            raise ValueError("no image mask: pass im_mask [B, T] (bool), or call the layer through a model prepared "
+                             "with add_plora")
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.base.in_features:
             raise ValueError(f"x must be a tensor [B, T, {self.base.in_features}], got {tuple(getattr(x, 'shape', ()))}")
         if not isinstance(im_mask, torch.Tensor) or im_mask.dtype != torch.bool:
-            raise TypeError(f"im_mask must be a bool tensor [B, T] (True at image tokens), got {getattr(im_mask, 'dtype', type(im_mask).__name__)}")
-        if im_mask.shape != x.shape[:2]: raise ValueError(f"im_mask must be [B, T] = {list(x.shape[:2])} like x, got {list(im_mask.shape)}")
+            raise TypeError("im_mask must be a bool tensor [B, T] (True at image tokens), "
+                            f"got {getattr(im_mask, 'dtype', type(im_mask).__name__)}")
+        if im_mask.shape != x.shape[:2]:
+            raise ValueError(f"im_mask must be [B, T] = {list(x.shape[:2])} like x, got {list(im_mask.shape)}")
         out = self.base(x)  # [B, T, d_out] eq. 1 at every position
         if not im_mask.any(): return out  # no image token: the base layer's output itself
         x_v = x[im_mask]  # [N, d_in] the image tokens only
@@ -103,7 +111,9 @@ def _set_image_mask(model, args, kwargs):
     mask = kwargs.pop("im_mask", None)  # the decoder must not see the keyword
     if mask is None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None: raise ValueError("PLoRA finds the image tokens in input_ids: pass input_ids, or im_mask=[B, T] (bool) with inputs_embeds")
+        if ids is None:
+            raise ValueError("PLoRA finds the image tokens in input_ids: pass input_ids, or im_mask=[B, T] (bool) "
+                             "with inputs_embeds")
         mask = ids == model.plora_config["image_token_id"]  # [B, T] where the processor put the image placeholders
     for m in model.modules():
         if isinstance(m, PLoRALinear): m.im_mask = mask
@@ -121,7 +131,8 @@ def add_plora(model, # a LLaVA (or a causal language model with `image_token_id`
               plora_cfg: PLoRAConfig = PLoRAConfig(),
               image_token_id: int = None, # default: the model config's `image_token_id`
              ):
-    "Wrap the language model's target linear layers in `PLoRALinear` and feed them the image mask at every forward pass; returns the model."
+    """Wrap the language model's target linear layers in `PLoRALinear` and
+    feed them the image mask at every forward pass; returns the model."""
     if not isinstance(plora_cfg, PLoRAConfig): raise TypeError(f"plora_cfg must be a PLoRAConfig, not {type(plora_cfg).__name__}")
     if plora_layers(model): raise ValueError("the model already has PLoRA layers")
     tid = image_token_id if image_token_id is not None else getattr(model.config, "image_token_id", None)
@@ -142,10 +153,12 @@ def add_plora(model, # a LLaVA (or a causal language model with `image_token_id`
 # %% ../nbs/09_plora.ipynb 28
 def plora_state_dict(model) -> dict:
     "The adapter weights alone: `{layer}.lora_A.weight` and `{layer}.lora_B.weight` for every PLoRA layer."
-    return {f"{n}.{k}.weight": getattr(m, k).weight.detach().clone() for n, m in plora_layers(model).items() for k in ("lora_A", "lora_B")}
+    return {f"{n}.{k}.weight": getattr(m, k).weight.detach().clone() for n, m in plora_layers(model).items()
+            for k in ("lora_A", "lora_B")}
 
 def peft_lora_config(plora_cfg: PLoRAConfig = PLoRAConfig(), **kw):
-    "PEFT's `LoraConfig` for the same layers as `add_plora`: the language model's target projections only (not the vision tower's)."
+    """PEFT's `LoraConfig` for the same layers as `add_plora`: the
+    language model's target projections only (not the vision tower's)."""
     from peft import LoraConfig
     return LoraConfig(r=plora_cfg.r, lora_alpha=plora_cfg.alpha, lora_dropout=plora_cfg.dropout, bias="none",
                       target_modules=rf".*language_model.*\.({'|'.join(plora_cfg.targets)})", **kw)
@@ -164,7 +177,8 @@ def copy_to_peft(model, peft_model, adapter: str = "default"):
 # %% ../nbs/09_plora.ipynb 33
 @torch.no_grad()
 def reference_init(model):
-    "Re-initialise every PLoRA layer as the reference `PLoRA` ends up: A and B both nn.Linear's default (B is not zeroed); returns the model."
+    """Re-initialise every PLoRA layer as the reference `PLoRA` ends up: A
+    and B both nn.Linear's default (B is not zeroed); returns the model."""
     for m in plora_layers(model).values():
         m.lora_A.reset_parameters()
         m.lora_B.reset_parameters()
@@ -217,13 +231,17 @@ def load_plora(path, # a folder written by `save_plora`
     from safetensors.torch import load_file
     p = Path(path).expanduser()
     if not (p / ADAPTER_CONFIG).exists() or not (p / ADAPTER_FILE).exists():
-        raise FileNotFoundError(f"no PLoRA adapter in {p} ({ADAPTER_CONFIG} and {ADAPTER_FILE}): pass a folder written by save_plora")
+        raise FileNotFoundError(f"no PLoRA adapter in {p} ({ADAPTER_CONFIG} and {ADAPTER_FILE}): "
+                                "pass a folder written by save_plora")
     model, processor = load_vlm(p, device=device, dtype=dtype)
     c = json.loads((p / ADAPTER_CONFIG).read_text())
-    add_plora(model, PLoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], targets=tuple(c["targets"])), image_token_id=c["image_token_id"])
+    add_plora(model, PLoRAConfig(r=c["r"], alpha=c["alpha"], dropout=c["dropout"], targets=tuple(c["targets"])),
+              image_token_id=c["image_token_id"])
     sd, layers = load_file(str(p / ADAPTER_FILE)), plora_layers(model)
     want = {f"{n}.{k}.weight" for n in layers for k in ("lora_A", "lora_B")}
-    if set(sd) != want: raise ValueError(f"the adapter in {p} does not fit the model: {len(set(sd) - want)} unexpected and {len(want - set(sd))} missing weights")
+    if set(sd) != want:
+        raise ValueError(f"the adapter in {p} does not fit the model: {len(set(sd) - want)} unexpected and "
+                         f"{len(want - set(sd))} missing weights")
     with torch.no_grad():
         for name, m in layers.items():
             for k in ("lora_A", "lora_B"):
@@ -231,8 +249,10 @@ def load_plora(path, # a folder written by `save_plora`
     return model.eval(), processor
 
 # %% ../nbs/09_plora.ipynb 42
-ADAPTER_LR = 1.5e-3  # LoRA's and PLoRA's rate: the vision tower's, 3.3x the language model's in full fine-tuning (adapters need a larger rate)
-ALIGN_ARMS = ("full fine-tuning", "LoRA", "PLoRA")  # the lesson's three; "frozen language model" is the control (vision tower and projector only)
+# LoRA's and PLoRA's rate: the vision tower's, 3.3x the language model's in full fine-tuning (adapters need a larger rate)
+ADAPTER_LR = 1.5e-3
+# the lesson's three; "frozen language model" is the control (vision tower and projector only)
+ALIGN_ARMS = ("full fine-tuning", "LoRA", "PLoRA")
 
 def _freeze(params):
     for p in params: p.requires_grad_(False)
@@ -243,8 +263,10 @@ def prepare_arm(model, # the text-only stage's model, changed in place (LoRA: wr
                 pcfg: PLoRAConfig = PLoRAConfig(), # the adapter of LoRA and PLoRA
                 adapter_lr: float = ADAPTER_LR,
                ):
-    "(model, AdamW groups for `align_stage`): what trains in each arm; the vision tower and projector always train at the full rate."
-    if how not in ALIGN_ARMS + ("frozen language model",): raise ValueError(f"how must be one of {ALIGN_ARMS + ('frozen language model',)}, got {how!r}")
+    """(model, AdamW groups for `align_stage`): what trains in each arm;
+    the vision tower and projector always train at the full rate."""
+    if how not in ALIGN_ARMS + ("frozen language model",):
+        raise ValueError(f"how must be one of {ALIGN_ARMS + ('frozen language model',)}, got {how!r}")
     if how == "full fine-tuning": return model, None  # align_stage's default: the base recipe
     lm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     vision = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model.", "lm_head."))]
@@ -277,7 +299,8 @@ def text_perplexity(model, processor, # any causal VLM and its processor
                     seed: int = TEXT_EVAL_SEED,
                     batch_size: int = 128,
                    ) -> float:
-    "exp(mean negative log-likelihood per answer token) of held-out captions after the text-only caption prompt, with no image: the text stage's task."
+    """exp(mean negative log-likelihood per answer token) of held-out captions
+    after the text-only caption prompt, with no image: the text stage's task."""
     from vlmcourse.llava import answer_ids, pack_examples, text_prompt
     from vlmcourse.world import CAPTION_PROMPT, caption, sample_scenes
     tok = processor.tokenizer
@@ -288,7 +311,8 @@ def text_perplexity(model, processor, # any causal VLM and its processor
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
         b = {k: v.to(dev) for k, v in pack_examples(pairs[i:i + batch_size], tok.pad_token_id).items()}
-        logits, labels = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(), b["labels"][:, 1:]
+        logits, labels = (model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float(),
+                          b["labels"][:, 1:])
         keep = labels >= 0
         total += torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
         count += int(keep.sum())
@@ -300,7 +324,8 @@ def measure_vlm(model, processor, # a VLM and its processor
                 n: int = 200, # scenes of each kind
                 seed: int = None, # the evaluation scenes; default: 03_hallucination's EVAL_SEED
                ) -> dict:
-    "Exact captions and POPE accuracy (random and adversarial) on typical scenes, CHAIR_s on counter-prior ones, and text-only perplexity."
+    """Exact captions and POPE accuracy (random and adversarial) on typical
+    scenes, CHAIR_s on counter-prior ones, and text-only perplexity."""
     from vlmcourse.hallucination import EVAL_SEED, evaluate_captions, evaluate_pope
     seed = EVAL_SEED if seed is None else seed
     from vlmcourse.llava import answerer
@@ -320,7 +345,7 @@ def align_arm(start, processor, # the text-only stage's model (copied, not chang
               steps: int = None, # default: tcfg.stage2_steps
               progress: bool = True,
               adapter_lr: float = ADAPTER_LR, # LoRA's and PLoRA's rate
-              threads: int = 1, # torch threads for training, as `train_base` (the weights differ in the last bits with another count)
+              threads: int = 1, # torch threads for training, as `train_base` (another count changes the weights' last bits)
              ):
     "Run the alignment stage one way from `start`: (trained model, its history: trainable parameters, losses, seconds)."
     from vlmcourse.llava import align_stage
@@ -332,7 +357,8 @@ def align_arm(start, processor, # the text-only stage's model (copied, not chang
     try: losses = align_stage(model, processor, tcfg, progress=progress, steps=steps, params=groups)
     finally: torch.set_num_threads(old)
     if how == "LoRA": model = model.merge_and_unload()  # a plain LLaVA again: W + (alpha/r) B A everywhere
-    return model.eval(), {"trainable": n_train, "losses": losses, "final loss": float(sum(losses[-20:]) / len(losses[-20:])), "seconds": time.time() - t0}
+    return model.eval(), {"trainable": n_train, "losses": losses,
+                          "final loss": float(sum(losses[-20:]) / len(losses[-20:])), "seconds": time.time() - t0}
 
 # %% ../nbs/09_plora.ipynb 52
 PLORA_RECIPE = 1  # bump when `align_arm`'s PLoRA recipe changes what it trains
@@ -341,13 +367,15 @@ def plora_vlm_path(progress: bool = True, # progress bars while training
                    tcfg: BaseTrainConfig = BaseTrainConfig(), # the base recipe: its text stage, alignment data and steps
                    pcfg: PLoRAConfig = PLoRAConfig(),
                   ) -> Path:
-    "The cached checkpoint folder of the course's PLoRA model (trained on first use): the text stage's model aligned with PLoRA; load it with `load_plora`."
+    """The cached checkpoint folder of the course's PLoRA model (trained on first
+    use): the text stage's model aligned with PLoRA; load it with `load_plora`."""
     def build(folder):
         from vlmcourse.llava import text_stage_vlm
         start, processor = text_stage_vlm(tcfg, progress=progress)
         model, hist = align_arm(start, processor, "PLoRA", tcfg, pcfg, progress=progress)
         _write_plora(model, processor, folder)
-        (folder / "history.json").write_text(json.dumps({k: hist[k] for k in ("trainable", "final loss", "seconds")} | {"losses": hist["losses"][::10]}))
+        (folder / "history.json").write_text(
+            json.dumps({k: hist[k] for k in ("trainable", "final loss", "seconds")} | {"losses": hist["losses"][::10]}))
     key = {"base": training_key(tcfg), "plora": pcfg, "adapter_lr": ADAPTER_LR, "recipe": PLORA_RECIPE}
     return cached_artifact("llava-plora", key, build)
 
@@ -355,5 +383,7 @@ def plora_vlm(device: str = None, progress: bool = True):
     "(model, processor) of the course's PLoRA model: trained once, then loaded from the cache."
     return load_plora(plora_vlm_path(progress), device=device or "cpu")
 
-register(ModelEntry("plora", "the alignment stage through PLoRA adapters on the frozen text-stage language model (at this budget it barely reads images)",
-                    "09_plora", "vlmcourse.plora:plora_vlm_path", loader="vlmcourse.plora:load_plora"))
+register(ModelEntry("plora",
+                    "the alignment stage through PLoRA adapters on the frozen text-stage language model (at this "
+                    "budget it barely reads images)", "09_plora", "vlmcourse.plora:plora_vlm_path",
+                    loader="vlmcourse.plora:load_plora"))

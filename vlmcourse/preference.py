@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import cached_artifact
-from .llava import BaseTrainConfig, answerer, base_vlm, epoch_batches, load_vlm, save_vlm, sft_batch, train_loop, training_key
+from .llava import (BaseTrainConfig, answerer, base_vlm, epoch_batches, load_vlm, save_vlm, sft_batch,
+                             train_loop, training_key)
 from .registry import ModelEntry, register
 from .dpo import DPOTrainConfig, dpo_train, unpack_pairs
 from .pairs import PAIR_SOURCES, PairConfig, build_pairs
@@ -35,7 +36,8 @@ class AlignConfig:
     objective: str = "dpo"  # 'sft' (the chosen answers alone) or 'dpo' (with `train.sft_weight > 0`, DPO + an SFT term)
     source: str = "bpo_inject"  # where the pairs come from: one of 06_pairs' PAIR_SOURCES
     n_pairs: int = 1500  # the budget: pairs for DPO, chosen answers for SFT
-    train: DPOTrainConfig = DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0)  # DPO + SFT term: the setting this lesson's sweep picks
+    # DPO + SFT term: the setting this lesson's sweep picks
+    train: DPOTrainConfig = DPOTrainConfig(lr=3e-4, beta=0.5, sft_weight=1.0)
     pairs: PairConfig = PairConfig()  # how the pairs are made
     base: BaseTrainConfig = BaseTrainConfig()  # the model we start from
     seed: int = 0  # the pairs (scenes, prompts, negatives) and the order of training
@@ -72,10 +74,12 @@ def align(acfg: AlignConfig = AlignConfig(), # the run
          ):
     "(model, processor, history): the base model aligned as `acfg` says."
     model, proc = base_vlm(acfg.base, progress=progress)
-    if pairs is None: pairs = build_pairs(model, proc, acfg.base.world, acfg.source, acfg.n_pairs, acfg.seed, acfg.pairs, progress=progress)
+    if pairs is None:
+        pairs = build_pairs(model, proc, acfg.base.world, acfg.source, acfg.n_pairs, acfg.seed, acfg.pairs, progress=progress)
     if len(pairs) != acfg.n_pairs: raise ValueError(f"got {len(pairs)} pairs but the config's budget is n_pairs={acfg.n_pairs}")
     tcfg = replace(acfg.train, seed=acfg.seed)
-    hist = sft_train(model, proc, pairs, tcfg, progress) if acfg.objective == "sft" else dpo_train(model, proc, pairs, tcfg, progress=progress)
+    hist = (sft_train(model, proc, pairs, tcfg, progress) if acfg.objective == "sft"
+            else dpo_train(model, proc, pairs, tcfg, progress=progress))
     return model.eval(), proc, hist
 
 # %% ../nbs/07_preference.ipynb 17
@@ -197,7 +201,8 @@ def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. 
         t, dof, pv = welch(d, sft)
         out[(float(share), kind)] = dict(run=d.mean(), sft=sft.mean(), t=t, p=pv, line=(
             f"counter share {share}: {kind} {d.mean():.3f} vs SFT {sft.mean():.3f} {metric}; "
-            + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1 else "one seed: no test")))
+            + (f"Welch t = {t:.2f}, p = {pv:.3f} ({len(d)} and {len(sft)} seeds)" if len(d) > 1 and len(sft) > 1
+               else "one seed: no test")))
     return out
 
 # %% ../nbs/07_preference.ipynb 50
@@ -282,7 +287,8 @@ def write_section(path, # a text file, e.g. README.md
     return path
 
 # %% ../nbs/07_preference.ipynb 62
-BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]  # `pick_best` on results/counter_frac_sweep.csv (checked below)
+# `pick_best` on results/counter_frac_sweep.csv (checked below)
+BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
     "The cached checkpoint folder of an aligned model (trained from the base model on first use)."
@@ -290,7 +296,8 @@ def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = T
     def build(folder):
         model, proc, hist = align(acfg, progress=progress)
         save_vlm(model, proc, folder, history={k: v for k, v in hist.items() if isinstance(v, (int, float, list))})
-    return cached_artifact("llava-aligned", {"align": acfg, "base": training_key(acfg.base)}, build)  # a new base model is a new key
+    # a new base model is a new key
+    return cached_artifact("llava-aligned", {"align": acfg, "base": training_key(acfg.base)}, build)
 
 def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be trained
                      device: str = None, # default: the CPU, as `base_vlm`
@@ -299,5 +306,6 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
     "(model, processor) of the best aligned model: trained once from the base model, then loaded from the cache."
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
 
-register(ModelEntry("aligned", "the best run of 07_preference's counter-share sweep by its rule (SFT on the chosen answers of half counter-prior pairs)", "07_preference",
-                    "vlmcourse.preference:best_aligned_vlm_path"))
+register(ModelEntry("aligned",
+                    "the best run of 07_preference's counter-share sweep by its rule (SFT on the chosen answers "
+                    "of half counter-prior pairs)", "07_preference", "vlmcourse.preference:best_aligned_vlm_path"))

@@ -25,26 +25,42 @@ __all__ = ['ARCHS', 'HUB_IDS', 'LLAVA_TEMPLATE', 'QWEN2_VL_TEMPLATE', 'IDEFICS3_
 # %% ../nbs/14_real_models.ipynb 6
 ARCHS = ("llava", "qwen2_vl", "idefics3", "instructblip")  # the real families `tiny_vlm` builds
 HUB_IDS = {"llava": "llava-hf/llava-1.5-7b-hf", "qwen2_vl": "Qwen/Qwen2-VL-2B-Instruct",
-           "idefics3": "HuggingFaceTB/SmolVLM-256M-Instruct", "instructblip": "Salesforce/instructblip-vicuna-7b"}  # the checkpoints they stand for
+           "idefics3": "HuggingFaceTB/SmolVLM-256M-Instruct",
+           "instructblip": "Salesforce/instructblip-vicuna-7b"}  # the checkpoints they stand for
 
 # Each family's chat template, written here after the real checkpoint's (same turn markers, same place for the image)
-LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% if m['content'] is string %}{{ m['content'] + ' ' }}{% else %}"
+# llava-hf/llava-1.5-7b-hf's: turns are not closed by </s>
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+                  "{% if m['content'] is string %}{{ m['content'] + ' ' }}{% else %}"
                   "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")  # llava-hf/llava-1.5-7b-hf's: turns are not closed by </s>
-QWEN2_VL_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-                     "<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-                     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-                     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-IDEFICS3_TEMPLATE = ("<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}{% if m['content'] is string %}{{ ': ' + m['content'] }}{% else %}"
-                     "{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}{% for c in m['content'] %}"
-                     "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}"
-                     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")  # SmolVLM's
+                  "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+                  "{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+QWEN2_VL_TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+                     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+                     "<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                     "{% for c in m['content'] %}"
+                     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+                     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+                     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# SmolVLM's
+IDEFICS3_TEMPLATE = ("<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+                     "{% if m['content'] is string %}{{ ': ' + m['content'] }}{% else %}"
+                     "{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                     "{% for c in m['content'] %}"
+                     "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}{{ '<image>' }}{% endif %}"
+                     "{% endfor %}{% endif %}"
+                     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+# Vicuna v1.1's turns; the processor puts the query tokens first
 VICUNA_TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{% set t = m['content'] %}{% else %}"
-                   "{% set t = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}{% endif %}"
-                   "{% if m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + t + '</s>' }}{% else %}{{ 'USER: ' + t + ' ' }}{% endif %}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")  # Vicuna v1.1's turns; the processor puts the query tokens first
-CHAT_TEMPLATES = {"llava": LLAVA_TEMPLATE, "qwen2_vl": QWEN2_VL_TEMPLATE, "idefics3": IDEFICS3_TEMPLATE, "instructblip": VICUNA_TEMPLATE}
+                   "{% set t = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') %}"
+                   "{% endif %}"
+                   "{% if m['role'] == 'assistant' %}{{ 'ASSISTANT: ' + t + '</s>' }}"
+                   "{% else %}{{ 'USER: ' + t + ' ' }}{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+CHAT_TEMPLATES = {"llava": LLAVA_TEMPLATE, "qwen2_vl": QWEN2_VL_TEMPLATE, "idefics3": IDEFICS3_TEMPLATE,
+                  "instructblip": VICUNA_TEMPLATE}
 
 def _check_arch(arch):
     if arch not in ARCHS: raise ValueError(f"unknown architecture {arch!r}: use one of {ARCHS}")
@@ -69,21 +85,28 @@ def world_corpus(wcfg: WorldConfig, n: int = 400, seed: int = 0) -> list:
     "Sentences the tokenizer learns its merges on: the world's questions and answers, and the chat templates' words."
     rng = random.Random(seed)
     out = [f"{q} {a}" for s in sample_scenes(wcfg, n, seed=seed) for q, a in world_questions(s, wcfg, rng)]
-    return out + ["USER: ASSISTANT: User: Assistant: system user assistant You are a helpful assistant. Is there a dog in the image? Yes No yes no"] * 20
+    return out + ["USER: ASSISTANT: User: Assistant: system user assistant You are a helpful assistant. "
+                  "Is there a dog in the image? Yes No yes no"] * 20
 
 SPECIALS = {  # the family's special tokens: (tokens in id order, pad, eos, bos, extra attributes)
     "llava": (["<unk>", "<s>", "</s>", "<image>", "<pad>"], "<pad>", "</s>", "<s>", {"image_token": "<image>"}),
-    "instructblip": (["<unk>", "<s>", "</s>", "<image>", "<pad>"], "<pad>", "</s>", "<s>", {}),  # its processor adds <image> as its own AddedToken
-    "qwen2_vl": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-                 "<|endoftext|>", "<|im_end|>", None, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
+    # its processor adds <image> as its own AddedToken
+    "instructblip": (["<unk>", "<s>", "</s>", "<image>", "<pad>"], "<pad>", "</s>", "<s>", {}),
+    "qwen2_vl": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>"],
+                 "<|endoftext|>", "<|im_end|>", None,
+                 {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                  "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
     "idefics3": (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"]
-                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)], "<|im_end|>", "<end_of_utterance>", "<|im_start|>",
-                 {"image_token": "<image>", "end_of_utterance_token": "<end_of_utterance>", "fake_image_token": "<fake_token_around_image>"}),
+                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
+                 "<|im_end|>", "<end_of_utterance>", "<|im_start|>",
+                 {"image_token": "<image>", "end_of_utterance_token": "<end_of_utterance>",
+                  "fake_image_token": "<fake_token_around_image>"}),
 }
 
 def tiny_tokenizer(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMConfig = TinyVLMConfig()):
-    "The family's kind of BPE tokenizer, trained locally: sentencepiece-style (Llama: LLaVA, Vicuna) or byte-level (Qwen2, SmolLM), with its chat template."
+    """The family's kind of BPE tokenizer, trained locally: sentencepiece-style
+    (Llama: LLaVA, Vicuna) or byte-level (Qwen2, SmolLM), with its chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     _check_arch(arch)
@@ -101,15 +124,17 @@ def tiny_tokenizer(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMCo
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     tk.train_from_iterator(world_corpus(wcfg), trainers.BpeTrainer(vocab_size=tcfg.vocab_size, special_tokens=specials,
                                                                    initial_alphabet=alphabet, show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, eos_token=eos, bos_token=bos, unk_token="<unk>" if llama else None,
-                                  extra_special_tokens=extra, chat_template=CHAT_TEMPLATES[arch])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, eos_token=eos, bos_token=bos,
+                                  unk_token="<unk>" if llama else None, extra_special_tokens=extra,
+                                  chat_template=CHAT_TEMPLATES[arch])
     tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in (pad, eos, bos, "<unk>")]})
     return tok
 
 # %% ../nbs/14_real_models.ipynb 11
 def tiny_processor(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMConfig = TinyVLMConfig()):
     "The family's real processor class around `tiny_tokenizer` and its PIL image processor, sized for the world's images."
-    if wcfg.image_size != tcfg.image_size: raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {tcfg.image_size} px")
+    if wcfg.image_size != tcfg.image_size:
+        raise ValueError(f"the world renders {wcfg.image_size} px images but the model expects {tcfg.image_size} px")
     tok, s, p = tiny_tokenizer(arch, wcfg, tcfg), tcfg.image_size, tcfg.patch_size
     if arch == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
@@ -118,38 +143,49 @@ def tiny_processor(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMCo
                               num_additional_image_tokens=1, chat_template=tok.chat_template)  # LLaVA-1.5 drops CLIP's CLS token
     if arch == "qwen2_vl":
         import importlib.util
-        if importlib.util.find_spec("torchvision") is None:  # transformers 5.24: Qwen2VLProcessor needs a video processor, and those need torchvision
-            raise ImportError("Qwen2VLProcessor needs a video processor, which needs torchvision in transformers 5.24: pip install torchvision")
+        # transformers 5.24: Qwen2VLProcessor needs a video processor, and those need torchvision
+        if importlib.util.find_spec("torchvision") is None:
+            raise ImportError("Qwen2VLProcessor needs a video processor, which needs torchvision in transformers "
+                              "5.24: pip install torchvision")
         from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
         kw = dict(patch_size=p // 2, merge_size=2, temporal_patch_size=2)
         ip = Qwen2VLImageProcessor(**kw, size={"shortest_edge": s * s, "longest_edge": s * s})
-        return Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**kw), chat_template=tok.chat_template)
+        return Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**kw),
+                                chat_template=tok.chat_template)
     if arch == "idefics3":
         from transformers import Idefics3ImageProcessor, Idefics3Processor
         ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": s}, max_image_size={"longest_edge": s})
-        return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=(s // p) ** 2 // 4, chat_template=tok.chat_template)
+        return Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=(s // p) ** 2 // 4,
+                                 chat_template=tok.chat_template)
     from transformers import BlipImageProcessor, InstructBlipProcessor
     ip = BlipImageProcessor(size={"height": s, "width": s})
-    proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qformer_tokenizer(wcfg), num_query_tokens=tcfg.num_query_tokens)
+    proc = InstructBlipProcessor(image_processor=ip, tokenizer=tok, qformer_tokenizer=qformer_tokenizer(wcfg),
+                                 num_query_tokens=tcfg.num_query_tokens)
     proc.chat_template = tok.chat_template  # its __init__ takes no template; save_pretrained writes it beside the processor
     return proc
 
 def qformer_tokenizer(wcfg: WorldConfig = WorldConfig()):
-    "A BERT-style WordPiece tokenizer for InstructBLIP's Q-Former (bert-base-uncased's kind), trained locally on the world's sentences."
+    """A BERT-style WordPiece tokenizer for InstructBLIP's Q-Former
+    (bert-base-uncased's kind), trained locally on the world's sentences."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tk.normalizer = normalizers.BertNormalizer(lowercase=True)
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.train_from_iterator(world_corpus(wcfg), trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    tk.train_from_iterator(world_corpus(wcfg),
+                           trainers.WordPieceTrainer(vocab_size=300,
+                                                     special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                                                     show_progress=False))
     tk.post_processor = processors.BertProcessing(("[SEP]", tk.token_to_id("[SEP]")), ("[CLS]", tk.token_to_id("[CLS]")))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 # %% ../nbs/14_real_models.ipynb 12
 def _llama(tok, tcfg, **kw):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=len(tok), hidden_size=tcfg.text_hidden, intermediate_size=2 * tcfg.text_hidden, num_hidden_layers=tcfg.text_layers,
-                       num_attention_heads=tcfg.heads, num_key_value_heads=tcfg.heads, max_position_embeddings=tcfg.max_positions,
+    return LlamaConfig(vocab_size=len(tok), hidden_size=tcfg.text_hidden, intermediate_size=2 * tcfg.text_hidden,
+                       num_hidden_layers=tcfg.text_layers, num_attention_heads=tcfg.heads,
+                       num_key_value_heads=tcfg.heads, max_position_embeddings=tcfg.max_positions,
                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **kw)
 
 def tiny_model_config(arch: str, processor, tcfg: TinyVLMConfig = TinyVLMConfig()):
@@ -160,18 +196,23 @@ def tiny_model_config(arch: str, processor, tcfg: TinyVLMConfig = TinyVLMConfig(
                num_attention_heads=2, image_size=tcfg.image_size, patch_size=tcfg.patch_size)
     if arch == "llava":
         from transformers import CLIPVisionConfig, LlavaConfig
-        return LlavaConfig(vision_config=CLIPVisionConfig(**vis, projection_dim=tcfg.vision_hidden), text_config=_llama(tok, tcfg),
-                           image_token_index=ids("<image>"), image_seq_length=(tcfg.image_size // tcfg.patch_size) ** 2,
+        return LlavaConfig(vision_config=CLIPVisionConfig(**vis, projection_dim=tcfg.vision_hidden),
+                           text_config=_llama(tok, tcfg), image_token_index=ids("<image>"),
+                           image_seq_length=(tcfg.image_size // tcfg.patch_size) ** 2,
                            vision_feature_layer=-2, vision_feature_select_strategy="default")  # LLaVA-1.5's choices
     if arch == "qwen2_vl":
         from transformers import Qwen2VLConfig
-        text = dict(vocab_size=len(tok), hidden_size=tcfg.text_hidden, intermediate_size=2 * tcfg.text_hidden, num_hidden_layers=tcfg.text_layers,
-                    num_attention_heads=tcfg.heads, num_key_value_heads=tcfg.heads // 2, max_position_embeddings=tcfg.max_positions,
-                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        vision = dict(depth=tcfg.vision_layers, embed_dim=tcfg.vision_hidden, hidden_size=tcfg.text_hidden, num_heads=2, mlp_ratio=2,
-                      patch_size=tcfg.patch_size // 2, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                             vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+        text = dict(vocab_size=len(tok), hidden_size=tcfg.text_hidden, intermediate_size=2 * tcfg.text_hidden,
+                    num_hidden_layers=tcfg.text_layers, num_attention_heads=tcfg.heads,
+                    num_key_value_heads=tcfg.heads // 2, max_position_embeddings=tcfg.max_positions,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id)
+        vision = dict(depth=tcfg.vision_layers, embed_dim=tcfg.vision_hidden, hidden_size=tcfg.text_hidden,
+                      num_heads=2, mlp_ratio=2, patch_size=tcfg.patch_size // 2, spatial_merge_size=2,
+                      temporal_patch_size=2, in_channels=3)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                             vision_end_token_id=ids("<|vision_end|>"))
     if arch == "idefics3":
         from transformers import Idefics3Config
         return Idefics3Config(vision_config=vis, text_config=_llama(tok, tcfg), scale_factor=2, image_token_id=ids("<image>"),
@@ -184,7 +225,8 @@ def tiny_model_config(arch: str, processor, tcfg: TinyVLMConfig = TinyVLMConfig(
                               num_query_tokens=tcfg.num_query_tokens, image_token_index=ids("<image>"))
 
 def build_tiny_vlm(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMConfig = TinyVLMConfig(), seed: int = 0) -> tuple:
-    "(model, processor): a random model of the family's real class (`AutoModelForImageTextToText`'s) and its processor, in memory."
+    """(model, processor): a random model of the family's real class
+    (`AutoModelForImageTextToText`'s) and its processor, in memory."""
     from transformers import AutoModelForImageTextToText
     _check_arch(arch)
     processor = tiny_processor(arch, wcfg, tcfg)
@@ -195,8 +237,10 @@ def build_tiny_vlm(arch: str, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMCo
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model, processor
 
-def save_tiny_vlm(arch: str, folder, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMConfig = TinyVLMConfig(), seed: int = 0) -> Path:
-    "Build a tiny model of `arch` and save it with `save_pretrained` (through `save_vlm`) into `folder`: a checkpoint like a Hub one."
+def save_tiny_vlm(arch: str, folder, wcfg: WorldConfig = WorldConfig(), tcfg: TinyVLMConfig = TinyVLMConfig(),
+                  seed: int = 0) -> Path:
+    """Build a tiny model of `arch` and save it with `save_pretrained`
+    (through `save_vlm`) into `folder`: a checkpoint like a Hub one."""
     model, processor = build_tiny_vlm(arch, wcfg, tcfg, seed)
     return save_vlm(model, processor, Path(folder))
 
@@ -238,7 +282,8 @@ def read_pope_questions(path) -> list:
     for r in rows:
         missing = {"question_id", "image", "text", "label"} - set(r)
         if missing: raise ValueError(f"{path}: question {r.get('question_id', '?')} lacks {sorted(missing)}")
-        if r["label"] not in ("yes", "no"): raise ValueError(f"{path}: question {r['question_id']} has label {r['label']!r}, not 'yes' or 'no'")
+        if r["label"] not in ("yes", "no"):
+            raise ValueError(f"{path}: question {r['question_id']} has label {r['label']!r}, not 'yes' or 'no'")
     return rows
 
 def score_pope_files(questions_path, # POPE's questions, with the true labels
@@ -261,7 +306,8 @@ def answer_pope_file(answer, # answer(images, questions) -> replies, e.g. `answe
     for i in range(0, len(qs), batch_size):
         chunk = qs[i:i + batch_size]
         images = [Image.open(Path(images_dir) / q["image"]).convert("RGB") for q in chunk]
-        out += [{"question_id": q["question_id"], "image": q["image"], "text": r} for q, r in zip(chunk, answer(images, [q["text"] for q in chunk]))]
+        out += [{"question_id": q["question_id"], "image": q["image"], "text": r}
+                for q, r in zip(chunk, answer(images, [q["text"] for q in chunk]))]
     Path(answers_path).write_text("".join(json.dumps(r) + "\n" for r in out))
     return Path(answers_path)
 
@@ -456,7 +502,7 @@ class AlignConfig:
     gradient_checkpointing: bool = True  # on a GPU: recompute activations to fit a 7B model's sequences
     seed: int = 0
 
-def load_pairs(source, # a folder from Dataset.save_to_disk, a .json/.jsonl/.parquet file, a Hub dataset id, or one of PAIR_SOURCES
+def load_pairs(source, # a folder from Dataset.save_to_disk, a .json/.jsonl/.parquet file, a Hub dataset id or one of PAIR_SOURCES
                n: int = None, # keep the first n pairs (the pair builders make exactly n; default 64 there)
                model=None, processor=None, # the model the builders decode with ('bpo_noise', 'seva'); not needed for 'bpo_inject'
                split: str = "train", seed: int = 0):
@@ -468,12 +514,15 @@ def load_pairs(source, # a folder from Dataset.save_to_disk, a .json/.jsonl/.par
     elif Path(str(source)).is_dir(): ds = datasets.load_from_disk(str(source))
     elif Path(str(source)).is_file():
         kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(Path(str(source)).suffix)
-        if kind is None: raise ValueError(f"{source}: read .json, .jsonl or .parquet pair files, or a folder saved with Dataset.save_to_disk")
+        if kind is None:
+            raise ValueError(f"{source}: read .json, .jsonl or .parquet pair files, or a folder saved with Dataset.save_to_disk")
         ds = datasets.load_dataset(kind, data_files=str(source), split="train")
     else: ds = datasets.load_dataset(str(source), split=split)  # the Hub, e.g. openbmb/RLAIF-V-Dataset formatted for TRL
     if isinstance(ds, datasets.DatasetDict): ds = ds[split]
-    need = {"images", "prompt", "chosen", "rejected"} if "images" in ds.column_names else {"image", "prompt", "chosen", "rejected"}
-    if not need <= set(ds.column_names): raise ValueError(f"pairs need columns images (or image), prompt, chosen, rejected; {source} has {ds.column_names}")
+    need = ({"images", "prompt", "chosen", "rejected"} if "images" in ds.column_names
+            else {"image", "prompt", "chosen", "rejected"})
+    if not need <= set(ds.column_names):
+        raise ValueError(f"pairs need columns images (or image), prompt, chosen, rejected; {source} has {ds.column_names}")
     if n is not None: ds = ds.select(range(min(n, len(ds))))
     return ds.select_columns(sorted(need))
 
@@ -484,22 +533,29 @@ def align(model_id, # a checkpoint folder or Hub id, e.g. 'llava-hf/llava-1.5-7b
           merge: bool = False, # also write the merged model to output_dir/merged, a checkpoint `load_vlm` and the demo read
           arch: str = None, # the family, for a chat template when the checkpoint has none (InstructBLIP)
          ) -> dict:
-    "DPO of a real checkpoint with TRL's DPOTrainer and a PEFT LoRA adapter, on one GPU, several (under `accelerate launch`), or the CPU."
+    """DPO of a real checkpoint with TRL's DPOTrainer and a PEFT LoRA
+    adapter, on one GPU, several (under `accelerate launch`), or the CPU."""
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
     from vlmcourse.dpo import for_trl
     cuda = torch.cuda.is_available()
-    model, processor = load_vlm(model_id, device="cpu", dtype=torch.bfloat16 if cuda else torch.float32)  # the Trainer places it on each process's GPU
+    # the Trainer places it on each process's GPU
+    model, processor = load_vlm(model_id, device="cpu", dtype=torch.bfloat16 if cuda else torch.float32)
     if arch: with_chat_template(processor, arch)
     out = Path(output_dir)
-    args = DPOConfig(output_dir=str(out), beta=align_cfg.beta, learning_rate=align_cfg.lr, num_train_epochs=align_cfg.epochs, max_steps=align_cfg.max_steps,
-                     per_device_train_batch_size=align_cfg.batch_size, gradient_accumulation_steps=align_cfg.grad_accum, seed=align_cfg.seed,
-                     bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=cuda and align_cfg.gradient_checkpointing,
+    args = DPOConfig(output_dir=str(out), beta=align_cfg.beta, learning_rate=align_cfg.lr,
+                     num_train_epochs=align_cfg.epochs, max_steps=align_cfg.max_steps,
+                     per_device_train_batch_size=align_cfg.batch_size,
+                     gradient_accumulation_steps=align_cfg.grad_accum, seed=align_cfg.seed,
+                     bf16=cuda and torch.cuda.is_bf16_supported(),
+                     activation_checkpointing=cuda and align_cfg.gradient_checkpointing,
                      max_length=None,  # never cut a sequence: truncation would cut image tokens
                      logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=None, use_cpu=not cuda,
                      ddp_find_unused_parameters=False)
-    peft = LoraConfig(r=align_cfg.lora_r, lora_alpha=align_cfg.lora_alpha, lora_dropout=align_cfg.lora_dropout, target_modules=align_cfg.lora_targets, task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=for_trl(pairs, processor), processing_class=processor, peft_config=peft)
+    peft = LoraConfig(r=align_cfg.lora_r, lora_alpha=align_cfg.lora_alpha, lora_dropout=align_cfg.lora_dropout,
+                      target_modules=align_cfg.lora_targets, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=for_trl(pairs, processor),
+                         processing_class=processor, peft_config=peft)
     trainer.train()  # the reference is the model with its adapter switched off
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:

@@ -19,8 +19,10 @@ class ModelEntry:
     what: str  # one line: what the model is and what it is for
     lesson: str  # the notebook that trains it, e.g. '02_llava'
     path_fn: str  # 'module:function' returning its checkpoint folder; the function takes `progress` and trains on first use
-    loader: str = "vlmcourse.llava:load_vlm"  # 'module:function' loading (model, processor) from the folder: `load_vlm` unless the lesson needs its own
-    answerer: str = "vlmcourse.llava:answerer"  # 'module:function' making (model, processor, **generate_kw) into answer(images, questions) -> replies
+    # 'module:function' loading (model, processor) from the folder: `load_vlm` unless the lesson needs its own
+    loader: str = "vlmcourse.llava:load_vlm"
+    # 'module:function' making (model, processor, **generate_kw) into answer(images, questions) -> replies
+    answerer: str = "vlmcourse.llava:answerer"
 
     def path(self, progress: bool = True) -> Path:
         "Its checkpoint folder (trained and cached on first use)."
@@ -40,20 +42,24 @@ def _resolve(spec: str):
     return getattr(importlib.import_module(module), fn)
 
 _REGISTRY: dict = {}
-INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")  # modules that are not lessons and register no model
+# modules that are not lessons and register no model
+INFRASTRUCTURE = ("_modidx", "cache", "cli", "demo", "exercises", "registry")
 
 def register(entry: ModelEntry) -> ModelEntry:
-    "Add a model to the registry (a module calls this at import); the same entry again is a no-op, another under a taken name an error."
+    """Add a model to the registry (a module calls this at import); the
+    same entry again is a no-op, another under a taken name an error."""
     if not isinstance(entry, ModelEntry): raise TypeError(f"register takes a ModelEntry, not {type(entry).__name__}")
     for f in ("path_fn", "loader", "answerer"):
         if ":" not in getattr(entry, f): raise ValueError(f"{f} must be 'module:function', got {getattr(entry, f)!r}")
     old = _REGISTRY.get(entry.name)
-    if old is not None and old != entry: raise ValueError(f"a model named {entry.name!r} is already registered (by {old.lesson}): choose another name")
+    if old is not None and old != entry:
+        raise ValueError(f"a model named {entry.name!r} is already registered (by {old.lesson}): choose another name")
     _REGISTRY[entry.name] = entry
     return entry
 
 def models() -> dict:
-    "Every registered model, {name: ModelEntry}, in course order: imports each lesson module of the package so that each registers its own."
+    """Every registered model, {name: ModelEntry}, in course order: imports
+    each lesson module of the package so that each registers its own."""
     import vlmcourse
     for m in pkgutil.iter_modules(vlmcourse.__path__):
         if m.name not in INFRASTRUCTURE: importlib.import_module(f"vlmcourse.{m.name}")
@@ -62,5 +68,7 @@ def models() -> dict:
 def model_entry(name: str) -> ModelEntry:
     "The registered model called `name`, with a clear error listing the names there are."
     found = models()
-    if name not in found: raise KeyError(f"no model named {name!r} in the course's registry; there are: {', '.join(found)} (see `vlmcourse models`)")
+    if name not in found:
+        raise KeyError(f"no model named {name!r} in the course's registry; there are: "
+                       f"{', '.join(found)} (see `vlmcourse models`)")
     return found[name]

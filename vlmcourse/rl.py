@@ -30,13 +30,17 @@ __all__ = ['GRPO_LOSS_TYPES', 'GRPO_RUN', 'RewardConfig', 'presence_shape', 'hal
 class RewardConfig:
     "The weights of `hallucination_reward`; part of the cache key of a model trained with it."
     invented: float = 1.0  # cost of each distinct object a caption names that the scene lacks: the error CHAIR counts
-    named: float = 0.5  # gain of each true object named: without it silence is optimal; below `invented`, so an object is worth naming only when P(there) > 2/3
-    yes_no: float = 1.0  # gain of a right yes/no answer (POPE's reading): one decision, worth as much as avoiding one invented object
+    # gain of each true object named: without it silence is optimal;
+    # below `invented`, so an object is worth naming only when P(there) > 2/3
+    named: float = 0.5
+    # gain of a right yes/no answer (POPE's reading): one decision, worth as much as avoiding one invented object
+    yes_no: float = 1.0
 
     def __post_init__(self):
         for f in ("invented", "named", "yes_no"):
             v = getattr(self, f)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0): raise ValueError(f"{f} is a weight >= 0, got {v!r}")
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{f} is a weight >= 0, got {v!r}")
 
 _PRESENCE = re.compile(r"^is there an? (\w+) in the image \?$")
 
@@ -51,14 +55,18 @@ def hallucination_reward(answers: list, # the model's replies, one per scene
                          questions: list = None, # the prompt of each reply; default: every one the caption prompt
                          reward_cfg: RewardConfig = RewardConfig(),
                         ) -> list:
-    "One float per answer from the scene's truth: captions lose `invented` per absent object named and gain `named` per true one; presence answers gain `yes_no` when right."
+    """One float per answer from the scene's truth: captions lose `invented` per absent
+    object named and gain `named` per true one; presence answers gain `yes_no` when right."""
     answers, scenes = list(answers), list(scenes)
     questions = [CAPTION_PROMPT] * len(answers) if questions is None else list(questions)
     if not len(answers) == len(scenes) == len(questions):
-        raise ValueError(f"need one scene and one question per answer: got {len(answers)} answers, {len(scenes)} scenes, {len(questions)} questions")
+        raise ValueError(f"need one scene and one question per answer: got {len(answers)} answers, "
+                         f"{len(scenes)} scenes, {len(questions)} questions")
     for k, (a, s, q) in enumerate(zip(answers, scenes, questions)):
-        if not isinstance(a, str) or not isinstance(q, str): raise TypeError(f"answer and question {k} must be strings, got {type(a).__name__} and {type(q).__name__}")
-        if not isinstance(s, Scene): raise TypeError(f"scene {k} must be a world.Scene, got {type(s).__name__} (Scene.from_dict reads a stored one)")
+        if not isinstance(a, str) or not isinstance(q, str):
+            raise TypeError(f"answer and question {k} must be strings, got {type(a).__name__} and {type(q).__name__}")
+        if not isinstance(s, Scene):
+            raise TypeError(f"scene {k} must be a world.Scene, got {type(s).__name__} (Scene.from_dict reads a stored one)")
     out = []
     for a, s, q in zip(answers, scenes, questions):
         shape = presence_shape(q)
@@ -97,7 +105,8 @@ def trl_reward(wcfg: WorldConfig, reward_cfg: RewardConfig = RewardConfig()):
     "`hallucination_reward` as a reward function of TRL's `GRPOTrainer` (it reads the `scene` column)."
     def hallucination(prompts, completions, scene, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return hallucination_reward(texts, [Scene.from_dict(json.loads(s)) for s in scene], wcfg, [_question(p) for p in prompts], reward_cfg)
+        return hallucination_reward(texts, [Scene.from_dict(json.loads(s)) for s in scene], wcfg,
+                                    [_question(p) for p in prompts], reward_cfg)
     return hallucination
 
 # %% ../nbs/12_rl.ipynb 25
@@ -110,8 +119,10 @@ def group_advantages(rewards, # [N] rewards, N = groups x num_generations, each 
     "Eq. 2: each reward minus its group's mean, over the group's unbiased std + 1e-4 (as TRL); shape [N]."
     r = torch.as_tensor(rewards, dtype=torch.float32)
     if r.ndim != 1: raise ValueError(f"rewards must be a flat list or [N] tensor, got shape {tuple(r.shape)}")
-    if num_generations < 2: raise ValueError(f"a group needs at least 2 answers to have a baseline, got num_generations={num_generations}")
-    if len(r) == 0 or len(r) % num_generations: raise ValueError(f"{len(r)} rewards do not split into groups of {num_generations}")
+    if num_generations < 2:
+        raise ValueError(f"a group needs at least 2 answers to have a baseline, got num_generations={num_generations}")
+    if len(r) == 0 or len(r) % num_generations:
+        raise ValueError(f"{len(r)} rewards do not split into groups of {num_generations}")
     g = r.view(-1, num_generations)  # [groups, G]
     a = g - g.mean(1, keepdim=True)
     if scale: a = a / (g.std(1, keepdim=True) + 1e-4)
@@ -125,16 +136,21 @@ def grpo_loss(logps: torch.Tensor, # [N, C] log pi_theta of each sampled token (
               beta: float = 0.04, # KL strength (eq. 1's beta)
               epsilon: float = 0.2, # the clip: ratios outside [1 - eps, 1 + eps] get no gradient
               loss_type: str = "grpo", # 'grpo' (eq. 3: per-answer mean, then mean) or 'dapo' (mean over all tokens)
-              kl_ratio: bool = False, # multiply eq. 4 by the ratio rho (DeepSeek-V3.2; TRL 1.16's default): same value on-policy, another gradient
+              # multiply eq. 4 by the ratio rho (DeepSeek-V3.2; TRL 1.16's default): same value on-policy, another gradient
+              kl_ratio: bool = False,
              ) -> torch.Tensor:
     "GRPO's loss, minus eq. 3 with eq. 4's KL estimator, for one batch of sampled answers."
     if loss_type not in GRPO_LOSS_TYPES: raise ValueError(f"unknown loss_type {loss_type!r}: use one of {GRPO_LOSS_TYPES}")
-    if logps.ndim != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape or (beta and ref_logps.shape != logps.shape):
-        raise ValueError(f"logps, old_logps, ref_logps and mask must all be [N, C]; got {tuple(logps.shape)}, {tuple(old_logps.shape)}, "
+    if (logps.ndim != 2 or old_logps.shape != logps.shape or mask.shape != logps.shape
+            or (beta and ref_logps.shape != logps.shape)):
+        raise ValueError(f"logps, old_logps, ref_logps and mask must all be [N, C]; got {tuple(logps.shape)}, "
+                         f"{tuple(old_logps.shape)}, "
                          f"{tuple(ref_logps.shape) if ref_logps is not None else None} and {tuple(mask.shape)}")
-    if advantages.shape != logps.shape[:1]: raise ValueError(f"advantages must be [N] = [{logps.shape[0]}], got {tuple(advantages.shape)}")
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages must be [N] = [{logps.shape[0]}], got {tuple(advantages.shape)}")
     m = mask.float()
-    if not (m.sum(1) > 0).all(): raise ValueError("an answer has no tokens (its mask row is all 0): every sampled answer has at least its end token")
+    if not (m.sum(1) > 0).all():
+        raise ValueError("an answer has no tokens (its mask row is all 0): every sampled answer has at least its end token")
     ratio = torch.exp(logps - old_logps)  # [N, C] rho
     adv = advantages[:, None]  # [N, 1]: every token of an answer shares its advantage
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv)
@@ -156,16 +172,19 @@ def completion_logps(model, # a LLaVA-style VLM
                     ) -> torch.Tensor:
     "log pi(o_t | q, o_<t) of each completion token, shape [N, C] (padding positions hold the log-prob of the pad id: mask them)."
     if completion_ids.ndim != 2 or completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"completion_ids and completion_mask must both be [N, C], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}")
+        raise ValueError(f"completion_ids and completion_mask must both be [N, C], got {tuple(completion_ids.shape)} "
+                         f"and {tuple(completion_mask.shape)}")
     if not len(images) == len(questions) == len(completion_ids):
-        raise ValueError(f"need one image and one question per completion: {len(images)} images, {len(questions)} questions, {len(completion_ids)} completions")
+        raise ValueError(f"need one image and one question per completion: {len(images)} images, "
+                         f"{len(questions)} questions, {len(completion_ids)} completions")
     if not temperature > 0: raise ValueError(f"temperature must be > 0, got {temperature}")
     dev = next(model.parameters()).device
     enc = processor(images=[to_rgb(i) for i in images], text=[chat_prompt(processor, q) for q in questions],
                     return_tensors="pt", padding=True, padding_side="left").to(dev)
     ids = torch.cat([enc["input_ids"], completion_ids.to(dev)], 1)  # [N, P + C]
     am = torch.cat([enc["attention_mask"], completion_mask.to(dev)], 1)
-    logits = model(input_ids=ids, attention_mask=am, pixel_values=enc["pixel_values"].to(next(model.parameters()).dtype), use_cache=False).logits
+    logits = model(input_ids=ids, attention_mask=am,
+                   pixel_values=enc["pixel_values"].to(next(model.parameters()).dtype), use_cache=False).logits
     C = completion_ids.shape[1]
     logits = logits[:, -C - 1:-1].float() / temperature  # [N, C, V]: position P - 1 + t predicts completion token t
     return torch.gather(logits.log_softmax(-1), 2, completion_ids.to(dev).unsqueeze(-1)).squeeze(-1)
@@ -176,13 +195,16 @@ class GRPOTrainConfig:
     "How `grpo_train` runs TRL's GRPOTrainer; with `reward` and `base`, the cache key of the model it trains."
     num_generations: int = 8  # G: answers per prompt. More give a better baseline (eq. 2) and more chances that a group differs
     prompts_per_step: int = 8  # prompts per optimiser step: G x 8 = 64 sampled answers per step
-    lr: float = 1e-4  # AdamW's rate, constant: a policy-gradient step on a 0.2M-parameter model; 3x below 07's DPO + SFT, which had targets
+    # AdamW's rate, constant: a policy-gradient step on a 0.2M-parameter model; 3x below 07's DPO + SFT, which had targets
+    lr: float = 1e-4
     beta: float = 0.04  # the KL penalty of eq. 1 (DeepSeekMath's value); TRL's default 0 would let the policy drift freely
     epsilon: float = 0.2  # PPO's clip; inactive with one step per batch, kept for parity with TRL
-    temperature: float = 1.0  # sampling temperature: the base model is nearly deterministic, and a group whose answers agree teaches nothing
+    # sampling temperature: the base model is nearly deterministic, and a group whose answers agree teaches nothing
+    temperature: float = 1.0
     max_completion_length: int = 24  # a 3-object caption and its end token are 22 tokens
     loss_type: str = "grpo"  # eq. 3's per-answer average ('grpo'), or 'dapo' (TRL's default)
-    kl_ratio: bool = True  # TRL 1.16's default (use_bias_correction_kl): eq. 4 times the ratio, the unbiased gradient of the reverse KL (DeepSeek-V3.2)
+    # TRL 1.16's default (use_bias_correction_kl): eq. 4 times the ratio, the unbiased gradient of the reverse KL (DeepSeek-V3.2)
+    kl_ratio: bool = True
     max_steps: int = 100  # optimiser steps (about 20 s on a laptop core)
     seconds: float = None  # a wall-clock budget instead: stop after the first step past it (the experiment's equal compute)
     reward: RewardConfig = RewardConfig()  # the reward's weights
@@ -192,22 +214,27 @@ class GRPOTrainConfig:
     def __post_init__(self):
         if self.num_generations < 2: raise ValueError("num_generations must be at least 2: a group of one has no baseline")
         if self.prompts_per_step < 1 or self.max_steps < 1: raise ValueError("prompts_per_step and max_steps must be at least 1")
-        if self.loss_type not in GRPO_LOSS_TYPES: raise ValueError(f"unknown loss_type {self.loss_type!r}: use one of {GRPO_LOSS_TYPES}")
-        if not (self.lr > 0 and self.temperature > 0 and self.beta >= 0 and self.epsilon > 0): raise ValueError("lr, temperature and epsilon must be > 0 and beta >= 0")
-        if self.seconds is not None and not self.seconds > 0: raise ValueError(f"seconds is a positive budget or None, got {self.seconds}")
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}: use one of {GRPO_LOSS_TYPES}")
+        if not (self.lr > 0 and self.temperature > 0 and self.beta >= 0 and self.epsilon > 0):
+            raise ValueError("lr, temperature and epsilon must be > 0 and beta >= 0")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds is a positive budget or None, got {self.seconds}")
 
 def trl_grpo_config(gcfg: GRPOTrainConfig, # the course's config
                     output_dir, # where TRL may write (it saves nothing here)
                     progress: bool = False, # TRL's own bar (grpo_train shows its own)
                     **overrides, # any other GRPOConfig field
                    ):
-    "TRL's `GRPOConfig` with `gcfg`'s settings: one step per batch of samples, a constant rate, float32 on the CPU, nothing saved."
+    """TRL's `GRPOConfig` with `gcfg`'s settings: one step per batch
+    of samples, a constant rate, float32 on the CPU, nothing saved."""
     from trl import GRPOConfig
-    kw = dict(output_dir=str(output_dir), num_generations=gcfg.num_generations, per_device_train_batch_size=gcfg.num_generations * gcfg.prompts_per_step,
-              max_completion_length=gcfg.max_completion_length, beta=gcfg.beta, epsilon=gcfg.epsilon, loss_type=gcfg.loss_type,
-              use_bias_correction_kl=gcfg.kl_ratio,
-              scale_rewards="group", num_iterations=1, temperature=gcfg.temperature, learning_rate=gcfg.lr, lr_scheduler_type="constant",
-              warmup_steps=0, max_steps=gcfg.max_steps, seed=gcfg.seed, data_seed=gcfg.seed, disable_dropout=True,
+    kw = dict(output_dir=str(output_dir), num_generations=gcfg.num_generations,
+              per_device_train_batch_size=gcfg.num_generations * gcfg.prompts_per_step,
+              max_completion_length=gcfg.max_completion_length, beta=gcfg.beta, epsilon=gcfg.epsilon,
+              loss_type=gcfg.loss_type, use_bias_correction_kl=gcfg.kl_ratio, scale_rewards="group", num_iterations=1,
+              temperature=gcfg.temperature, learning_rate=gcfg.lr, lr_scheduler_type="constant", warmup_steps=0,
+              max_steps=gcfg.max_steps, seed=gcfg.seed, data_seed=gcfg.seed, disable_dropout=True,
               bf16=False,  # TRL's default runs a CPU forward in bfloat16 autocast
               activation_checkpointing=False,  # TRL would recompute activations: time spent, nothing saved at this size
               logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=not progress,
@@ -220,7 +247,8 @@ def grpo_train(gcfg: GRPOTrainConfig = GRPOTrainConfig(),
                base: BaseTrainConfig = BaseTrainConfig(), # the base model it starts from (and the reference)
                progress: bool = True,
               ):
-    "(model, processor, history): the base model trained with TRL's GRPOTrainer and `hallucination_reward`; history has every step's reward and KL."
+    """(model, processor, history): the base model trained with TRL's GRPOTrainer
+    and `hallucination_reward`; history has every step's reward and KL."""
     from trl import GRPOTrainer
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -234,7 +262,8 @@ def grpo_train(gcfg: GRPOTrainConfig = GRPOTrainConfig(),
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs: return
             for k, v in (("step", state.global_step), ("reward", logs["reward"]), ("kl", logs.get("kl", 0.0)),
-                         ("completion_length", logs["completions/mean_length"]), ("zero_std", logs.get("frac_reward_zero_std", float("nan"))),
+                         ("completion_length", logs["completions/mean_length"]),
+                         ("zero_std", logs.get("frac_reward_zero_std", float("nan"))),
                          ("seconds", time.time() - t0)): hist[k].append(v)
             bar.update(1)
             bar.set_postfix(reward=f"{np.mean(hist['reward'][-20:]):.2f}")
@@ -257,13 +286,15 @@ def kl_to_base(model, base_model, processor, # the policy, the model it started 
                seed: int = EVAL_SEED, # the prompts: apart from training's
                pcfg: PairConfig = PairConfig(), # the prompt mix (as training's)
               ) -> float:
-    "Mean per-token KL(policy || base) over the tokens of the policy's greedy answers to `n` held-out prompts (full vocabulary, temperature 1)."
+    """Mean per-token KL(policy || base) over the tokens of the policy's greedy
+    answers to `n` held-out prompts (full vocabulary, temperature 1)."""
     from vlmcourse.llava import generate
     if n < 1: raise ValueError(f"n must be at least 1, got {n}")
     rng = random.Random(f"kl-{seed}")
     scenes = [sample_scene(wcfg, rng, "counter" if rng.random() < pcfg.counter_frac else "prior") for _ in range(n)]
     qs, imgs = [pair_prompt(s, wcfg, rng, pcfg)[0] for s in scenes], [render(s, wcfg) for s in scenes]
-    answers = [a if a.strip() else "." for a in generate(model, processor, imgs, qs)]  # an empty answer still has its end token: keep one word
+    # an empty answer still has its end token: keep one word
+    answers = [a if a.strip() else "." for a in generate(model, processor, imgs, qs)]
     batch = sft_batch(processor, imgs, qs, answers)
     labels = batch.pop("labels")[:, 1:]  # [B, T-1]: position t predicts token t + 1
     with torch.no_grad():
@@ -278,7 +309,9 @@ GRPO_RUN = GRPOTrainConfig()  # 100 steps from the base model, seed 0
 def rl_vlm_path(gcfg: GRPOTrainConfig = GRPO_RUN, base: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> Path:
     "The cached checkpoint folder of a GRPO-trained model (trained from the base model on first use)."
     if not isinstance(gcfg, GRPOTrainConfig): raise TypeError(f"gcfg must be a GRPOTrainConfig, not {type(gcfg).__name__}")
-    if gcfg.seconds is not None: raise ValueError("a wall-clock budget trains a different model on every machine: cache a run with max_steps and seconds=None")
+    if gcfg.seconds is not None:
+        raise ValueError("a wall-clock budget trains a different model on every machine: "
+                         "cache a run with max_steps and seconds=None")
     def build(folder):
         model, proc, hist = grpo_train(gcfg, base, progress=progress)
         save_vlm(model, proc, folder, history=hist)
@@ -288,5 +321,6 @@ def rl_vlm(progress: bool = True, device: str = None, gcfg: GRPOTrainConfig = GR
     "(model, processor) of the GRPO model: trained once from the base model, then loaded from the cache."
     return load_vlm(rl_vlm_path(gcfg, progress=progress), device=device or "cpu")
 
-register(ModelEntry("grpo", "GRPO from the base model with the exact hallucination reward (TRL's GRPOTrainer, 100 steps)", "12_rl",
-                    "vlmcourse.rl:rl_vlm_path"))
+register(ModelEntry("grpo",
+                    "GRPO from the base model with the exact hallucination reward (TRL's GRPOTrainer, 100 steps)",
+                    "12_rl", "vlmcourse.rl:rl_vlm_path"))

@@ -24,14 +24,17 @@ __all__ = ['MAX_DRAWS', 'COLOUR_RGB', 'NUMBER_WORDS', 'CAPTION_PROMPT', 'POPE_SP
 @dataclass(frozen=True)
 class WorldConfig:
     "Everything that defines Shapes world; a frozen dataclass so it can key a cache."
-    shapes: tuple = ("circle", "square", "triangle", "diamond", "cross", "ring")  # 6 object classes: enough for POPE's 3 yes + 3 no per image
+    # 6 object classes: enough for POPE's 3 yes + 3 no per image
+    shapes: tuple = ("circle", "square", "triangle", "diamond", "cross", "ring")
     colours: tuple = ("red", "green", "blue", "yellow")  # 4 well-separated RGB colours; an attribute, not an object
     grid: int = 2  # 2x2 cells: 4 positions, each 16 px at the default size
     image_size: int = 32  # 32 px renders in microseconds and gives 16 patches of 8 px to a ViT
     min_objects: int = 1  # a scene may hold a single object, the case where a missing partner is most visible
     max_objects: int = 3  # at most 3 of the 4 cells, so one cell is always empty
     partners: tuple = (("circle", "square"), ("triangle", "diamond"))  # the prior: the first nearly always comes with the second
-    prior_strength: float = 0.999  # P(partner present | first present): the dial. Near 1, as in the web data a VLM learns from, the alignment stage almost never contradicts the prior
+    # P(partner present | first present): the dial. Near 1, as in the web data
+    # a VLM learns from, the alignment stage almost never contradicts the prior
+    prior_strength: float = 0.999
     freq_skew: float = 0.7  # Zipf exponent of shape frequency, so POPE's 'popular' split differs from 'random'
     size_range: tuple = (0.65, 0.9)  # object size as a fraction of its cell: varied, never touching a neighbour
     background: tuple = (20, 20, 20)  # near-black, so every colour stands out
@@ -54,11 +57,14 @@ class WorldConfig:
         return dict(zip(self.shapes, w / w.sum()))
 
     def __post_init__(self):
-        if self.max_objects > self.grid ** 2: raise ValueError(f"max_objects={self.max_objects} does not fit a {self.grid}x{self.grid} grid")
+        if self.max_objects > self.grid ** 2:
+            raise ValueError(f"max_objects={self.max_objects} does not fit a {self.grid}x{self.grid} grid")
         if not 1 <= self.min_objects <= self.max_objects: raise ValueError("need 1 <= min_objects <= max_objects")
-        if self.max_objects > len(self.shapes): raise ValueError("a scene holds distinct shapes: max_objects must be <= len(shapes)")
+        if self.max_objects > len(self.shapes):
+            raise ValueError("a scene holds distinct shapes: max_objects must be <= len(shapes)")
         for a, b in self.partners:
-            if a not in self.shapes or b not in self.shapes: raise ValueError(f"partner pair {(a, b)} names a shape not in `shapes`")
+            if a not in self.shapes or b not in self.shapes:
+                raise ValueError(f"partner pair {(a, b)} names a shape not in `shapes`")
         if not 0 <= self.prior_strength <= 1: raise ValueError("prior_strength is a probability in [0, 1]")
 
 # %% ../nbs/00_world.ipynb 9
@@ -104,8 +110,10 @@ def _draw_shapes(wcfg, rng, n, exclude=()):
             chosen += [s, p]
         else: chosen.append(s)
     else:
-        if len(chosen) < n: raise ValueError(f"could not draw {n} shapes in {MAX_DRAWS} tries under this prior (partners={wcfg.partners}, "
-                                             f"prior_strength={wcfg.prior_strength}, max_objects={wcfg.max_objects}): allow more objects or weaken the prior")
+        if len(chosen) < n:
+            raise ValueError(f"could not draw {n} shapes in {MAX_DRAWS} tries under this prior (partners={wcfg.partners}, "
+                             f"prior_strength={wcfg.prior_strength}, max_objects={wcfg.max_objects}): "
+                             "allow more objects or weaken the prior")
     return chosen
 
 def is_typical(scene, wcfg):
@@ -117,7 +125,8 @@ def sample_scene(wcfg: WorldConfig, # the world
                  kind: str = "prior", # 'prior', 'typical' or 'counter'
                 ) -> Scene:
     "Sample one scene: from the prior, conforming to it ('typical'), or breaking it ('counter')."
-    if kind not in ("prior", "typical", "counter"): raise ValueError(f"kind must be 'prior', 'typical' or 'counter', not {kind!r}")
+    if kind not in ("prior", "typical", "counter"):
+        raise ValueError(f"kind must be 'prior', 'typical' or 'counter', not {kind!r}")
     if kind == "counter":
         if not wcfg.partners: raise ValueError("a counter-prior scene needs at least one partner pair in WorldConfig.partners")
         a, b = rng.choice(wcfg.partners)  # `a` appears without its partner `b`
@@ -128,7 +137,8 @@ def sample_scene(wcfg: WorldConfig, # the world
         n = rng.randint(wcfg.min_objects, wcfg.max_objects)
         scene = Scene(_place(_draw_shapes(wcfg, rng, n), wcfg, rng), kind)
         if kind == "prior" or is_typical(scene, wcfg): return scene
-    raise ValueError(f"no {kind} scene in {MAX_DRAWS} tries: this world's prior (partners={wcfg.partners}, prior_strength={wcfg.prior_strength}) "
+    raise ValueError(f"no {kind} scene in {MAX_DRAWS} tries: this world's prior (partners={wcfg.partners}, "
+                     f"prior_strength={wcfg.prior_strength}) "
                      f"with max_objects={wcfg.max_objects} almost never makes one; allow more objects or change the partners")
 
 def sample_scenes(wcfg: WorldConfig, n: int, seed: int = 0, kind: str = "prior") -> list:
