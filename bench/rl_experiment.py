@@ -22,7 +22,7 @@ from vlmcourse.preference import align, counter_frac_runs, pick_best
 from vlmcourse.rl import GRPOTrainConfig, RewardConfig, grpo_train, kl_to_base
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
 p.add_argument("--n-eval", type=int, default=200, help="evaluation scenes of each kind")
 p.add_argument("--n-kl", type=int, default=100, help="held-out prompts for the KL to the base model")
 p.add_argument("--write", default="nbs/results/rl_seeds.csv")
