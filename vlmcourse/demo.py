@@ -395,13 +395,14 @@ class ModelCache:
 
 # %% ../nbs/13_demo.ipynb 33
 CAPTION_METRICS = {"chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "exact": "exact caption", "recall": "object recall"}
-POPE_METRICS = {"accuracy": "POPE accuracy", "precision": "POPE precision", "recall": "POPE recall", "f1": "POPE F1", "yes_ratio": "POPE yes-ratio"}
+POPE_METRICS = {"accuracy": "POPE accuracy", "precision": "POPE precision", "recall": "POPE recall", "f1": "POPE F1",
+                "yes_ratio": "POPE yes-ratio"}
 NOT_A_SCENE = ("This upload is not a Shapes world scene. The models have only ever seen 32-pixel scenes of coloured shapes "
                "on a dark background: what they say about it is a guess in shape words, not a description.")
 
 class SideBySide:
     "The demo's actions for one visitor's choice of two models; the loaded models are shared by all visitors, in a bounded cache."
-    def __init__(self, left=None, # None ('base'), a course model's name, a checkpoint folder, a Hub id, or a (model, processor) pair
+    def __init__(self, left=None, # None ('base'), a course model's name, checkpoint folder, Hub id, or a (model, processor) pair
                  right=None, # None ('aligned'), or as `left`
                  demo_cfg: DemoConfig = DemoConfig(),
                  models_dir=None, # offer the checkpoint folders under this folder too
@@ -421,8 +422,11 @@ class SideBySide:
                 local = isinstance(src, Path) or p.exists() or str(src).startswith((".", "/", "~"))
                 name = p.name if local else str(src)
                 if name in registry or (name in extra and extra[name].source != (p if local else str(src))): name = str(src)
-                offer = Offer(name, "a checkpoint folder the operator chose" if local else "a Hub model the operator chose", p if local else str(src))
-            else: raise TypeError(f"a model is None, a course model's name, a checkpoint folder, a Hub id or a (model, processor) pair; got {type(src).__name__}")
+                offer = Offer(name, "a checkpoint folder the operator chose" if local else "a Hub model the operator chose",
+                              p if local else str(src))
+            else:
+                raise TypeError("a model is None, a course model's name, a checkpoint folder, a Hub id or a (model, processor) "
+                                f"pair; got {type(src).__name__}")
             extra[offer.name], self.default[side] = offer, offer.name
         self.menu = ModelMenu(extra, models_dir, allow_hub)
         self.cache = ModelCache(demo_cfg.cache_size)
@@ -454,11 +458,13 @@ class SideBySide:
                 out.append(f"**{side}**: {md_escape(e)}")
                 continue
             m = self.cache.peek(offer.key)
-            out.append(f"**{side}**: {md_escape(name)}: {md_escape(offer.what)} ({m.describe() if m else 'loaded when first asked'})")
+            out.append(f"**{side}**: {md_escape(name)}: {md_escape(offer.what)} "
+                       f"({m.describe() if m else 'loaded when first asked'})")
         return "  \n".join(out)
 
     def image_and_truth(self, image, truth) -> tuple:
-        "(the image the models see, the set of objects in it or None for an upload, a note for an upload that is not a Shapes world scene)."
+        """(the image the models see, the set of objects in it or None for an upload, a note for an upload that is not a
+        Shapes world scene)."""
         scene = scene_from_truth(truth, self.cfg.world)
         if scene is not None: return render(scene, self.cfg.world), scene.shapes, ""
         img = read_image(image, self.cfg.max_pixels)
@@ -476,7 +482,8 @@ class SideBySide:
             text = m.answer([img], prompt, self.cfg.max_new_tokens)[0]
             segs.append(answer_segments(text, shapes, self.cfg.world.shapes, asked))
             line = f"**{md_escape(title)}**: {md_escape(verdict(text, shapes, self.cfg.world.shapes, asked))}"
-            if unknown: line += f" (it does not know the words {md_escape(', '.join(unknown))}: it reads each as one unknown token)"
+            if unknown:
+                line += f" (it does not know the words {md_escape(', '.join(unknown))}: it reads each as one unknown token)"
             lines.append(line)
         if note: lines.append(f"*{md_escape(note)}*")
         return segs[0], segs[1], "  \n".join(lines)
@@ -509,7 +516,8 @@ class SideBySide:
             table[title] = [s if labels is None else f"{s} {'✓' if s == l else '✗'}" for s, l in zip(said, labels or said)]
             if labels is not None:
                 m = pope_metrics(replies, labels)
-                lines.append(f"**{md_escape(title)}**: {sum(s == l for s, l in zip(said, labels))}/{len(objects)} right, yes-ratio {m['yes_ratio']:.2f}")
+                lines.append(f"**{md_escape(title)}**: {sum(s == l for s, l in zip(said, labels))}/{len(objects)} right, "
+                             f"yes-ratio {m['yes_ratio']:.2f}")
         if labels is None: lines.append("no ground truth for an uploaded image: the table shows the answers only")
         if note: lines.append(f"*{md_escape(note)}*")
         return table, "  \n".join(lines)
@@ -521,7 +529,8 @@ class SideBySide:
               progress: bool = False, choice: dict = None) -> tuple:
         "(a table of CHAIR and POPE, one row per metric and one column per model, over `n` new scenes; a bar chart of it)."
         n, seed = check_seed(n, "number of scenes", self.cfg.max_seed), check_seed(seed, "seed", self.cfg.max_seed)
-        if not 1 <= n <= self.cfg.max_batch_scenes: raise ValueError(f"the number of scenes must be between 1 and {self.cfg.max_batch_scenes}, got {n}")
+        if not 1 <= n <= self.cfg.max_batch_scenes:
+            raise ValueError(f"the number of scenes must be between 1 and {self.cfg.max_batch_scenes}, got {n}")
         if kind not in SCENE_KINDS: raise ValueError(f"the kind must be one of {SCENE_KINDS}, got {kind!r}")
         if split not in POPE_SPLITS: raise ValueError(f"POPE's split must be one of {POPE_SPLITS}, got {split!r}")
         scenes = sample_scenes(self.cfg.world, n, seed=seed, kind=kind)

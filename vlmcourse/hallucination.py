@@ -107,14 +107,17 @@ def _check_scenes(scenes):
 def _check_answer(answer):
     if hasattr(answer, "generate") and hasattr(answer, "parameters"):  # a model passed where its answering function belongs
         raise TypeError("answer is a model, not an answering function: pass llava.answerer(model, processor)")
-    if not callable(answer): raise TypeError(f"answer must be a function answer(images, questions) -> replies, such as llava.answerer(model, processor); got {type(answer).__name__}")
+    if not callable(answer):
+        raise TypeError("answer must be a function answer(images, questions) -> replies, such as "
+                        f"llava.answerer(model, processor); got {type(answer).__name__}")
 
 def _ask(answer, images, questions):
     "The replies of an answering function, checked: one string per question."
     _check_answer(answer)
     replies = list(answer(images, questions))
     if len(replies) != len(questions) or not all(isinstance(r, str) for r in replies):
-        raise ValueError(f"answer(images, questions) must return one string per question: {len(questions)} questions, got {len(replies)} replies")
+        raise ValueError(f"answer(images, questions) must return one string per question: {len(questions)} questions, "
+                         f"got {len(replies)} replies")
     return replies
 
 def evaluate_captions(answer, # answer(images, questions) -> replies: any model, e.g. `llava.answerer(model, processor)`

@@ -229,20 +229,26 @@ class BaseTrainConfig:
     "How the base model is trained; the cache key of the base model."
     world: WorldConfig = WorldConfig()  # the biased world: stage 1's captions, and the scenes stage 2 draws (with `align_prior`)
     model: LlavaModelConfig = LlavaModelConfig()  # its sizes
-    stage1_captions: int = 20000  # text-only captions (625 steps): the language model learns the prior (BPO's imbalance); 60,000 left colours unlearnt on 2 seeds of 5
+    # text-only captions (625 steps): the LM learns the prior (BPO's imbalance); 60,000 left colours unlearnt on 2 seeds of 5
+    stage1_captions: int = 20000
     stage1_lr: float = 2e-3  # a plain language model tolerates a high rate
-    align_prior: float = 1.0  # P(partner | object) in the alignment data: 1.0 = they never contradict the prior, as curated web captions rarely do
+    # P(partner | object) in the alignment data: 1.0 = they never contradict the prior, as curated web captions rarely do
+    align_prior: float = 1.0
     stage2_steps: int = 3000  # multimodal alignment steps: 2000 left presence answers unlearnt
-    stage2_lr: float = 1.5e-3  # peak rate of the vision tower and projector; with warm-up, 2e-3 and above learned nothing from images
-    stage2_lm_lr_scale: float = 0.3  # the language model's rate in stage 2, relative: it moves little, as in LLaVA, so its text prior persists
+    # peak rate of the vision tower and projector; with warm-up, 2e-3 and above learned nothing from images
+    stage2_lr: float = 1.5e-3
+    # the language model's rate in stage 2, relative: it moves little, as in LLaVA, so its text prior persists
+    stage2_lm_lr_scale: float = 0.3
     batch_size: int = 32  # examples per step
     warmup: float = 0.1  # fraction of each stage spent warming up
     clip_grad: float = 1.0  # max gradient norm
     caption_frac: float = 0.4  # share of stage-2 examples that are captions
     presence_frac: float = 0.4  # share that are "is there a ...?" questions, half about a present shape, half about an absent one
-    clip_init: bool = True  # start the vision tower from 01_clip's CLIP, as LLaVA starts from OpenAI's: from scratch, colours were learnt on some seeds only
+    # start the vision tower from 01_clip's CLIP, as LLaVA starts from OpenAI's: from scratch, only some seeds learnt colours
+    clip_init: bool = True
     seed: int = 0  # data and weights
-    seed_tries: int = 3  # base_vlm() and oracle_vlm() train seeds seed, seed+1, ... until one passes their check; the seed table says how often the first does
+    # base_vlm() and oracle_vlm() train seed, seed+1, ... until one passes their check (the seed table: how often the first does)
+    seed_tries: int = 3
 
     def __post_init__(self):
         if not 0 <= self.align_prior <= 1: raise ValueError(f"align_prior is a probability in [0, 1], got {self.align_prior}")
@@ -250,7 +256,8 @@ class BaseTrainConfig:
             raise ValueError("caption_frac and presence_frac are shares of stage 2: each >= 0, together <= 1")
         if not 0 <= self.stage2_lm_lr_scale: raise ValueError(f"stage2_lm_lr_scale must be >= 0, got {self.stage2_lm_lr_scale}")
         if self.seed_tries < 1: raise ValueError(f"seed_tries must be at least 1, got {self.seed_tries}")
-        if self.stage1_captions < self.batch_size: raise ValueError(f"stage1_captions={self.stage1_captions} is less than one batch of {self.batch_size}")
+        if self.stage1_captions < self.batch_size:
+            raise ValueError(f"stage1_captions={self.stage1_captions} is less than one batch of {self.batch_size}")
 
 def oracle_config(tcfg: BaseTrainConfig = BaseTrainConfig()) -> BaseTrainConfig:
     "The same recipe on a world without the prior (its partners independent): the floor every alignment is measured against."
@@ -258,7 +265,8 @@ def oracle_config(tcfg: BaseTrainConfig = BaseTrainConfig()) -> BaseTrainConfig:
 
 # %% ../nbs/02_llava.ipynb 24
 def stage2_examples(tcfg: BaseTrainConfig, n: int, seed: int) -> list:
-    "`n` (scene, question, answer) examples, a fresh scene each: a caption, a presence question or a colour, position or count question."
+    """`n` (scene, question, answer) examples, a fresh scene each: a caption, a presence question or a colour, position or
+    count question."""
     rng = random.Random(f"stage2-{seed}")
     out = []
     for s in sample_scenes(replace(tcfg.world, prior_strength=tcfg.align_prior), n, seed=seed):
@@ -276,33 +284,40 @@ class AlignmentBatches(torch.utils.data.Dataset):
         self.processor, self.wcfg, self.batch_size = processor, wcfg, batch_size
         self.scenes = [s for s, _, _ in examples]
         blank = Image.new("RGB", (wcfg.image_size, wcfg.image_size))
-        prompts = {q: processor(text=[chat_prompt(processor, q)], images=[blank])["input_ids"][0] for q in {q for _, q, _ in examples}}
-        self.pairs = [(prompts[q], a) for (_, q, _), a in zip(examples, answer_ids(processor.tokenizer, [a for _, _, a in examples]))]
+        prompts = {q: processor(text=[chat_prompt(processor, q)], images=[blank])["input_ids"][0]
+                   for q in {q for _, q, _ in examples}}
+        self.pairs = [(prompts[q], a)
+                      for (_, q, _), a in zip(examples, answer_ids(processor.tokenizer, [a for _, _, a in examples]))]
 
     def __len__(self): return len(self.pairs) // self.batch_size
 
     def __getitem__(self, k):
         sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
         batch = pack_examples(self.pairs[sl], self.processor.tokenizer.pad_token_id)
-        batch["pixel_values"] = self.processor.image_processor([render(s, self.wcfg) for s in self.scenes[sl]], return_tensors="pt")["pixel_values"]
+        batch["pixel_values"] = self.processor.image_processor([render(s, self.wcfg) for s in self.scenes[sl]],
+                                                               return_tensors="pt")["pixel_values"]
         return batch
 
 def _batch_stream(ds, workers: int):
     "make_batch(step) for `train_loop`, reading `ds` in order; with workers, the next batches are prepared on another core."
-    it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=8) if workers else (ds[k] for k in range(len(ds))))
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=8) if workers
+              else (ds[k] for k in range(len(ds))))
     return lambda step: next(it)
 
 def text_stage(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its world, sizes, stage-1 captions and rate
                progress: bool = True,
               ):
-    "Stage 1 alone: a fresh LLaVA (its vision tower from 01_clip's CLIP) whose language model reads the biased world's captions; (model, processor, losses)."
+    """Stage 1 alone: a fresh LLaVA (its vision tower from 01_clip's CLIP) whose language model reads the biased world's
+    captions; (model, processor, losses)."""
     torch.manual_seed(tcfg.seed)
     proc = build_processor(tcfg.world, tcfg.model)
     model = build_vlm(proc, tcfg.model, seed=tcfg.seed)
     if tcfg.clip_init:
         sd = clip_vision_state_dict(ClipTrainConfig(world=tcfg.world, vision=tcfg.model.vision))
         try: model.model.vision_tower.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise ValueError(f"the trained CLIP vision tower does not fit this LLaVA's vision config: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:
+            raise ValueError("the trained CLIP vision tower does not fit this LLaVA's vision config: "
+                             f"{str(e).splitlines()[0]}") from None
     tok, B = proc.tokenizer, tcfg.batch_size
     caps = [caption(s, tcfg.world) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]  # tokenised once
     prompt = tok(text_prompt(tok, CAPTION_PROMPT))["input_ids"]
@@ -315,7 +330,8 @@ def align_stage(model, processor, # the model after `text_stage`, trained in pla
                 tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its alignment data, steps and rates
                 progress: bool = True,
                 steps: int = None, # default: `tcfg.stage2_steps`
-                params=None, # parameters or AdamW groups to train; default: the language model at `stage2_lm_lr_scale` of the rate
+                # parameters or AdamW groups to train; default: the language model at `stage2_lm_lr_scale` of the rate
+                params=None,
                 loss_fn=None, # loss_fn(model, batch) -> scalar; default: the model's own (answer tokens only)
                 workers: int = 1, # processes that prepare batches beside training (0: in line)
                ) -> list:
@@ -325,7 +341,8 @@ def align_stage(model, processor, # the model after `text_stage`, trained in pla
     if params is None:
         lm = {id(p) for p in model.model.language_model.parameters()} | {id(p) for p in model.lm_head.parameters()}
         params = [{"params": [p for p in model.parameters() if id(p) in lm], "lr": tcfg.stage2_lr * tcfg.stage2_lm_lr_scale},
-                  {"params": [p for p in model.parameters() if id(p) not in lm]}]  # the vision tower and the projector at the full rate
+                  # the vision tower and the projector at the full rate
+                  {"params": [p for p in model.parameters() if id(p) not in lm]}]
     return train_loop(model, _batch_stream(ds, workers), steps, tcfg.stage2_lr, tcfg.warmup, tcfg.clip_grad,
                       params=params, loss_fn=loss_fn, desc="stage 2: image-text", progress=progress)
 

@@ -92,7 +92,8 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
     runs, seeds = dict(runs), tuple(seeds)
     if not runs: raise ValueError("no runs to sweep")
     bcfg = next(iter(runs.values())).base
-    if any(a.base != bcfg for a in runs.values()): raise ValueError("every run of a sweep must start from the same base model (AlignConfig.base)")
+    if any(a.base != bcfg for a in runs.values()):
+        raise ValueError("every run of a sweep must start from the same base model (AlignConfig.base)")
     def build(folder):
         base, proc = base_vlm(bcfg, progress=progress)
         rows = [dict(run="base", seed=-1, **hallucination_report(answerer(base, proc), bcfg.world, n=n_eval))]
@@ -102,12 +103,16 @@ def run_sweep(runs: dict, # name -> AlignConfig (its seed is replaced by each of
                 for name, acfg in runs.items():
                     acfg = replace(acfg, seed=seed)
                     key = (acfg.source, acfg.n_pairs, acfg.pairs, seed)
-                    if key not in cache: cache[key] = build_pairs(base, proc, bcfg.world, acfg.source, acfg.n_pairs, seed, acfg.pairs, progress=False)
+                    if key not in cache:
+                        cache[key] = build_pairs(base, proc, bcfg.world, acfg.source, acfg.n_pairs, seed, acfg.pairs,
+                                                 progress=False)
                     model, _, hist = align(acfg, cache[key], progress=False)
-                    rows.append(dict(run=name, seed=seed, seconds=hist["seconds"], **hallucination_report(answerer(model, proc), bcfg.world, n=n_eval)))
+                    rows.append(dict(run=name, seed=seed, seconds=hist["seconds"],
+                                     **hallucination_report(answerer(model, proc), bcfg.world, n=n_eval)))
                     bar.update(1)
         (folder / "results.json").write_text(json.dumps(rows))
-    key = dict(runs={k: asdict(v) for k, v in runs.items()}, seeds=seeds, n_eval=n_eval, eval_seed=EVAL_SEED, report=REPORT_FORMAT)
+    key = dict(runs={k: asdict(v) for k, v in runs.items()}, seeds=seeds, n_eval=n_eval, eval_seed=EVAL_SEED,
+               report=REPORT_FORMAT)
     return json.loads((cached_artifact("preference-sweep", key, build) / "results.json").read_text())
 
 METRICS = {"counter/chair_s": "counter CHAIR_s", "counter/chair_i": "counter CHAIR_i", "typical/chair_s": "typical CHAIR_s",
@@ -115,7 +120,8 @@ METRICS = {"counter/chair_s": "counter CHAIR_s", "counter/chair_i": "counter CHA
            "pope_adversarial/f1": "POPE F1 adversarial", "counter/exact": "counter exact", "typical/exact": "typical exact",
            "counter/recall": "counter recall", "typical/recall": "typical recall",
            "pope_random/accuracy": "POPE acc random", "pope_adversarial/accuracy": "POPE acc adversarial",
-           "typical_pope_adversarial/accuracy": "typical POPE acc adversarial", "typical_pope_adversarial/f1": "typical POPE F1 adversarial"}
+           "typical_pope_adversarial/accuracy": "typical POPE acc adversarial",
+           "typical_pope_adversarial/f1": "typical POPE F1 adversarial"}
 
 def results_table(rows: list, # one dict per run and seed: `run`, `seed` and figures
                   cols: list = None, # the figures to summarise (default: every one of METRICS the rows have)
@@ -133,11 +139,13 @@ def results_markdown(table: pd.DataFrame, # from `results_table`
                      metrics: list = None, # its columns to show (default: every one of METRICS it has)
                      labels: dict = None, # column headers by metric (default: METRICS; a metric without one shows its key)
                     ) -> str:
-    "The table as markdown: 'mean ± std' per metric (a run with one seed, like the base model, has a single value; a missing one shows '-')."
+    """The table as markdown: 'mean ± std' per metric (a run with one seed, like the base model, has a single value; a
+    missing one shows '-')."""
     metrics, labels = metrics or [c for c in METRICS if ("mean", c) in table], labels or METRICS
     lines = ["| run | seeds | " + " | ".join(labels.get(m, m) for m in metrics) + " |", "| --- " * (len(metrics) + 2) + "|"]
     for run, r in table.iterrows():
-        cells = ["-" if pd.isna(r[("mean", m)]) else f"{r[('mean', m)] + 0.0:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "")
+        cells = ["-" if pd.isna(r[("mean", m)])
+                 else f"{r[('mean', m)] + 0.0:.3f}" + (f" ± {r[('std', m)]:.3f}" if r[("", "seeds")] > 1 else "")
                  for m in metrics]  # + 0.0: no '-0.000'
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -214,12 +222,15 @@ def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the
              ) -> str:
     """The best run of a sweep: the lowest mean counter-prior CHAIR_s among runs that keep the base model's reading of
     typical scenes (by default: exact captions within 1 point, POPE adversarial accuracy within 2 points)."""
-    if "base" not in set(df["run"]): raise ValueError("the sweep has no 'base' row, whose typical figures the rule compares against")
+    if "base" not in set(df["run"]):
+        raise ValueError("the sweep has no 'base' row, whose typical figures the rule compares against")
     runs = df[~df.run.isin(["base", "oracle"]) & df.run.str.startswith(prefix)]
     m = runs.groupby("run", sort=False)[["counter/chair_s", *keep]].mean()
     base = df[df.run == "base"].iloc[0]
     ok = m[np.all([m[k] >= base[k] - d - 1e-9 for k, d in keep.items()], axis=0)]
-    if ok.empty: raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps {keep} of the base model's typical figures")
+    if ok.empty:
+        raise ValueError(f"no run{' starting with ' + repr(prefix) if prefix else ''} keeps {keep} "
+                         "of the base model's typical figures")
     return ok["counter/chair_s"].idxmin()
 
 # %% ../nbs/07_preference.ipynb 53
@@ -228,22 +239,26 @@ GAP_METRICS = {"counter/chair_s": "gap closed, counter CHAIR_s", "pope_adversari
 def add_gap_closed(df: pd.DataFrame, # runs, with one 'base' row and one 'oracle' row
                    metrics: dict = GAP_METRICS, # metric -> the column that gets its gap closed
                   ) -> pd.DataFrame:
-    "`df` with the share of the base-to-oracle gap each row closes on each metric, (row - base) / (oracle - base); NaN where there is no gap."
+    """`df` with the share of the base-to-oracle gap each row closes on each metric, (row - base) / (oracle - base); NaN
+    where there is no gap."""
     df = df.copy()
     for col, name in metrics.items():
         ends = [df.loc[df.run == r, col] for r in ("base", "oracle")]
-        if any(len(e) != 1 for e in ends): raise ValueError(f"the gap closed needs exactly one 'base' row and one 'oracle' row with {col!r}")
+        if any(len(e) != 1 for e in ends):
+            raise ValueError(f"the gap closed needs exactly one 'base' row and one 'oracle' row with {col!r}")
         base, gap = ends[0].item(), ends[1].item() - ends[0].item()
         df[name] = (df[col] - base) / gap if abs(gap) > 1e-9 else float("nan")
     return df
 
 def goal_check(df: pd.DataFrame, run: str) -> dict:
-    "The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to the oracle closed."
+    """The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to
+    the oracle closed."""
     m, b = df[df.run == run].mean(numeric_only=True), df[df.run == "base"].iloc[0]
     cut = 1 - m["counter/chair_s"] / b["counter/chair_s"]
     return {"CHAIR_s cut": round(cut, 3), "typical exact drop": round(b["typical/exact"] - m["typical/exact"], 3),
             "gap closed": round(m["gap closed, counter CHAIR_s"], 3),
-            "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9 and m["gap closed, counter CHAIR_s"] >= 0.75)}
+            "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9
+                             and m["gap closed, counter CHAIR_s"] >= 0.75)}
 
 # %% ../nbs/07_preference.ipynb 57
 SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
@@ -259,15 +274,16 @@ def sweep_markdown(df: pd.DataFrame) -> str:
     lines += ["", f"The rule's best run (`pick_best`: the lowest counter CHAIR_s among runs within a point of the base model's "
               f"typical exact and two points of its typical POPE adversarial accuracy) is **{best}**: "
               f"counter CHAIR_s {g['CHAIR_s cut']:.0%} below the base model's, "
-              f"{g['gap closed']:.0%} of the base-to-oracle gap closed, typical exact {g['typical exact drop']:.3f} below the base "
-              f"model's; the goal (80%, 1 point, 75%) is {'met' if g['goal met'] else 'not met'}."]
+              f"{g['gap closed']:.0%} of the base-to-oracle gap closed, typical exact {g['typical exact drop']:.3f} "
+              f"below the base model's; the goal (80%, 1 point, 75%) is {'met' if g['goal met'] else 'not met'}."]
     return "\n".join(lines)
 
 def write_section(path, # a text file, e.g. README.md
                   name: str, # the section's markers are `<!-- name -->` and `<!-- /name -->`
                   text: str, # what goes between them
                  ) -> Path:
-    "Replace what lies between a file's `<!-- name -->` and `<!-- /name -->` markers with `text` (in a notebook: in the markdown cell holding them), writing the file whole or not at all."
+    """Replace what lies between a file's `<!-- name -->` and `<!-- /name -->` markers with `text` (in a notebook: in
+    the markdown cell holding them), writing the file whole or not at all."""
     path = Path(path)
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     def put(s):

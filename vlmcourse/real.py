@@ -319,7 +319,8 @@ CHAIR_SYNONYMS_TXT = """\
 person, girl, boy, man, woman, kid, child, chef, baker, people, rider, children, worker, sister, brother, biker, policeman, cop,
  officer, lady, cowboy, bride, groom, male, female, guy, traveler, father, gentleman, pitcher, player, skier, snowboarder, skater,
  skateboarder, guy, foreigner, child, gentleman, caller, offender, coworker, trespasser, patient, politician, soldier, grandchild,
- serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper, villager, pedestrian
+ serviceman, walker, drinker, doctor, bicyclist, thief, buyer, teenager, student, camper, driver, solider, hunter, shopper,
+ villager, pedestrian
 bicycle, bike, unicycle, minibike, trike
 car, automobile, van, minivan, sedan, suv, hatchback, cab, jeep, coupe, taxicab, limo, taxi
 motorcycle, scooter, motor bike, motor cycle, motorbike, scooter, moped
@@ -341,7 +342,8 @@ bird, ostrich, owl, seagull, goose, duck, parakeet, falcon, robin, pelican, wate
  oriole, cowbird, warbler, magpie, peacock, cockatiel, lorikeet, puffin, vulture, condor, macaw, peafowl, cockatoo, songbird
 cat, kitten, feline, tabby
 dog, puppy, beagle, pup, chihuahua, schnauzer, dachshund, rottweiler, canine, pitbull, collie, pug, terrier, poodle, labrador,
- doggie, doberman, mutt, doggy, spaniel, bulldog, sheepdog, weimaraner, corgi, cocker, greyhound, retriever, brindle, hound, whippet, husky
+ doggie, doberman, mutt, doggy, spaniel, bulldog, sheepdog, weimaraner, corgi, cocker, greyhound, retriever, brindle, hound,
+ whippet, husky
 horse, colt, pony, racehorse, stallion, equine, mare, foal, palomino, mustang, clydesdale, bronc, bronco
 sheep, lamb, ram, lamb, goat, ewe
 cow, cattle, oxen, ox, calf, cattle, holstein, heifer, buffalo, bull, zebu, bison
@@ -411,8 +413,9 @@ _CHAIR_TO_COCO = {"remote control": "remote"}
 # CHAIR's two-word rules: a qualifier before a word changes what it names ("baby elephant" is an elephant, not a
 # person; "passenger train" a train; "toilet seat" a toilet, not a chair), and two phrases name no COCO object.
 _QUALIFIED = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
-CHAIR_PHRASES = {**{f"{q} {w}": w for q in ("baby", "adult") for w in _QUALIFIED}, "passenger jet": "jet", "passenger train": "train",
-                 "bow tie": "tie", "toilet seat": "toilet", "home plate": None, "train track": None}
+CHAIR_PHRASES = {**{f"{q} {w}": w for q in ("baby", "adult") for w in _QUALIFIED},
+                 "passenger jet": "jet", "passenger train": "train", "bow tie": "tie", "toilet seat": "toilet",
+                 "home plate": None, "train track": None}
 
 def _parse_synonyms(text: str) -> dict:
     "COCO category -> the words that name it, from CHAIR's synonyms text (continuation lines start with a space)."
@@ -473,14 +476,16 @@ def coco_truths(instances_path) -> dict:
 def chair_coco(captions, # [{"image_id", "caption"}] (COCO's results format), or a path to such a JSON file
                instances_path, # COCO instances annotations covering those images (e.g. instances_val2014.json)
               ) -> dict:
-    "CHAIR_s and CHAIR_i of captions of COCO images against their annotated objects, with CHAIR's synonyms, and per-caption detail."
+    """CHAIR_s and CHAIR_i of captions of COCO images against their annotated objects, with CHAIR's synonyms, and
+    per-caption detail."""
     if isinstance(captions, (str, Path)): captions = json.loads(Path(captions).read_text())
     truths = coco_truths(instances_path)
     per = []
     for c in captions:
         if c["image_id"] not in truths: raise ValueError(f"image_id {c['image_id']} is not in {instances_path}")
         m = coco_mentions(c["caption"])
-        per.append(dict(image_id=c["image_id"], caption=c["caption"], mentioned=m, hallucinated=[o for o in m if o not in truths[c["image_id"]]]))
+        per.append(dict(image_id=c["image_id"], caption=c["caption"], mentioned=m,
+                        hallucinated=[o for o in m if o not in truths[c["image_id"]]]))
     if not per: raise ValueError("no captions to score")
     n_m, n_h = sum(len(p["mentioned"]) for p in per), sum(len(p["hallucinated"]) for p in per)
     return dict(chair_s=sum(bool(p["hallucinated"]) for p in per) / len(per), chair_i=n_h / n_m if n_m else 0.0, per_caption=per)
