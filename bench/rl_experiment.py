@@ -64,13 +64,15 @@ for seed in a.seeds:
     pd.DataFrame(rows).to_csv(a.write, index=False)  # after every seed, so that a long run leaves its finished seeds
     pd.DataFrame(curves).to_csv(a.curves, index=False)
 df, cv = pd.DataFrame(rows), pd.DataFrame(curves)
-for f in a.also:  # other seeds; the base model and the oracle are this run's
-    old = pd.read_csv(f)
-    df = pd.concat([df, old[[r not in ("base", "oracle") and (r, s) not in set(zip(df.run, df.seed)) for r, s in zip(old.run, old.seed)]]],
-                   ignore_index=True)
-for f in a.also_curves:
-    old = pd.read_csv(f)
-    cv = pd.concat([cv, old[[(r, s) not in set(zip(cv.run, cv.seed)) for r, s in zip(old.run, old.seed)]]], ignore_index=True)
+def pool(df, files, skip=()):
+    "df with the rows of earlier runs' files for (run, seed) it does not hold yet, in order."
+    for f in files:
+        old = pd.read_csv(f)
+        have = set(zip(df["run"], df["seed"])) if len(df) else set()
+        df = pd.concat([df, old[[r not in skip and (r, s) not in have for r, s in zip(old["run"], old["seed"])]]], ignore_index=True)
+    return df
+df = pool(df, a.also, skip=("base", "oracle"))  # other seeds; the base model and the oracle are this run's
+cv = pool(cv, a.also_curves)
 if a.also or a.also_curves:
     df.to_csv(a.write, index=False)
     cv.to_csv(a.curves, index=False)
