@@ -201,3 +201,21 @@ def test_the_two_stages_are_train_base():
     s2 = align_stage(model, proc, t, progress=False)
     assert s1 == hist["stage1"] and s2 == hist["stage2"]
     assert len(align_stage(model, proc, t, progress=False, steps=2, loss_fn=lambda m, b: m(**b).loss * 0)) == 2
+
+
+def test_phase_point_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    import vlmcourse.llava as L
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    trained = []
+    def fake_train(t, progress=True):  # an untrained model: this checks the caching, not the training
+        trained.append(t)
+        proc = L.build_processor(t.world, t.model)
+        return L.build_vlm(proc, t.model, seed=0), proc, {}
+    monkeypatch.setattr(L, "train_base", fake_train)
+    a = L.phase_point(1.0, 0.05, seed=0, stage2_steps=4, n=3)
+    b = L.phase_point(1.0, 0.05, seed=0, stage2_steps=4, n=3)
+    c = L.phase_point(0.9, 0.05, seed=0, stage2_steps=4, n=3)
+    assert a == b and len(trained) == 2  # the second call read the first's point; another cell trained its own
+    assert trained[0].stage1_captions == max(trained[0].batch_size, round(0.05 * 4 * trained[0].batch_size))
+    assert set(a) == {"align_prior", "stage1_ratio", "seed", "counter_chair_s", "typical_exact"} and c["align_prior"] == 0.9
+    assert 0 <= a["counter_chair_s"] <= 1 and 0 <= a["typical_exact"] <= 1

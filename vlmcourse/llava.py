@@ -560,17 +560,21 @@ def phase_point(align_prior: float, # P(partner | object) in the alignment data
                 stage2_steps: int = None, # default: the course's
                 n: int = 100, # evaluation scenes of each kind
                ) -> dict:
-    "Train the base recipe with one alignment prior and one text-only stage size; its counter CHAIR_s and typical exact captions."
+    """Train the base recipe with one alignment prior and one text-only stage size; its counter CHAIR_s and typical
+    exact captions (cached: a point is trained once)."""
     t = replace(BaseTrainConfig(), seed=seed, align_prior=align_prior)
     if stage2_steps: t = replace(t, stage2_steps=stage2_steps)
     t = replace(t, stage1_captions=max(t.batch_size, round(stage1_ratio * t.stage2_steps * t.batch_size)))
-    m, p, _ = train_base(t, progress=False)
-    w = t.world
-    typ, ctr = (sample_scenes(w, n, seed=99, kind=k) for k in ("typical", "counter"))
-    ct, cc = describe(m, p, [render(s, w) for s in typ]), describe(m, p, [render(s, w) for s in ctr])
-    return dict(align_prior=align_prior, stage1_ratio=stage1_ratio, seed=seed,
-                counter_chair_s=float(np.mean([bool(absent_mentions(c, s, w)) for c, s in zip(cc, ctr)])),
-                typical_exact=float(np.mean([c == caption(s, w) for c, s in zip(ct, typ)])))
+    def build(folder):
+        m, p, _ = train_base(t, progress=False)
+        w = t.world
+        typ, ctr = (sample_scenes(w, n, seed=99, kind=k) for k in ("typical", "counter"))
+        ct, cc = describe(m, p, [render(s, w) for s in typ]), describe(m, p, [render(s, w) for s in ctr])
+        (folder / "point.json").write_text(json.dumps(dict(
+            counter_chair_s=float(np.mean([bool(absent_mentions(c, s, w)) for c, s in zip(cc, ctr)])),
+            typical_exact=float(np.mean([c == caption(s, w) for c, s in zip(ct, typ)])))))
+    folder = cached_artifact("phase-point", {**training_key(t), "n": n, "eval_seed": 99}, build)
+    return dict(align_prior=align_prior, stage1_ratio=stage1_ratio, seed=seed, **json.loads((folder / "point.json").read_text()))
 
 def phase_table(points: list):
     "Mean over seeds of each (align_prior, stage1_ratio) cell, with the number of seeds."
