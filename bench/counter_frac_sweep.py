@@ -14,7 +14,8 @@ import pandas as pd
 
 from vlmcourse.hallucination import hallucination_report
 from vlmcourse.llava import answerer, oracle_vlm
-from vlmcourse.preference import SWEEP_KINDS, add_gap_closed, counter_frac_runs, pick_best, run_sweep, sweep_markdown
+from vlmcourse.preference import (SWEEP_KINDS, add_gap_closed, counter_frac_runs, pick_best, pool_runs, run_sweep,
+                                  sweep_markdown)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -30,10 +31,7 @@ runs = counter_frac_runs(a.fracs, a.n_pairs, a.kinds)
 rows = run_sweep(runs, seeds=a.seeds, n_eval=a.n_eval)
 oracle = dict(run="oracle", seed=-1, **hallucination_report(answerer(*oracle_vlm(progress=False)), next(iter(runs.values())).base.world, n=a.n_eval))
 df = pd.DataFrame(rows + [oracle])
-for f in a.also:  # other runs or seeds; the base model, the oracle and any (run, seed) run again are this run's
-    old = pd.read_csv(f)
-    done = set(zip(df.run, df.seed))
-    df = pd.concat([df, old[[r not in ("base", "oracle") and (r, s) not in done for r, s in zip(old.run, old.seed)]]], ignore_index=True)
+df = pool_runs(df, a.also)  # other runs or seeds; the base model, the oracle and any (run, seed) run again are this run's
 order = ["base"] + list(counter_frac_runs(sorted({float(r.rpartition(" ")[2]) for r in df.run if ", counter " in r}), a.n_pairs)) + ["oracle"]
 df = df.sort_values("run", key=lambda col: col.map(order.index), kind="stable").reset_index(drop=True)  # the course's order of runs
 df = add_gap_closed(df)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from vlmcourse.hallucination import hallucination_report
 from vlmcourse.llava import BaseTrainConfig, answerer, base_vlm, oracle_vlm
-from vlmcourse.preference import align, counter_frac_runs, pick_best
+from vlmcourse.preference import align, counter_frac_runs, pick_best, pool_runs
 from vlmcourse.rl import GRPOTrainConfig, RewardConfig, grpo_train, kl_to_base
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,15 +64,8 @@ for seed in a.seeds:
     pd.DataFrame(rows).to_csv(a.write, index=False)  # after every seed, so that a long run leaves its finished seeds
     pd.DataFrame(curves).to_csv(a.curves, index=False)
 df, cv = pd.DataFrame(rows), pd.DataFrame(curves)
-def pool(df, files, skip=()):
-    "df with the rows of earlier runs' files for (run, seed) it does not hold yet, in order."
-    for f in files:
-        old = pd.read_csv(f)
-        have = set(zip(df["run"], df["seed"])) if len(df) else set()
-        df = pd.concat([df, old[[r not in skip and (r, s) not in have for r, s in zip(old["run"], old["seed"])]]], ignore_index=True)
-    return df
-df = pool(df, a.also, skip=("base", "oracle"))  # other seeds; the base model and the oracle are this run's
-cv = pool(cv, a.also_curves)
+df = pool_runs(df, a.also)  # other seeds; the base model and the oracle are this run's
+cv = pool_runs(cv, a.also_curves, skip=())
 if a.also or a.also_curves:
     df.to_csv(a.write, index=False)
     cv.to_csv(a.curves, index=False)

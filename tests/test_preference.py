@@ -188,3 +188,13 @@ def test_add_gap_closed_measures_against_base_and_oracle():
     assert "gap closed, counter CHAIR_s" not in df  # the input is left as it was
     with pytest.raises(ValueError, match="oracle"):
         add_gap_closed(df[df.run != "oracle"])
+
+
+def test_pool_runs_adds_only_the_run_seed_pairs_not_yet_held(tmp_path):
+    from vlmcourse.preference import pool_runs
+    mine = pd.DataFrame(dict(run=["base", "a", "a"], seed=[-1, 0, 1], x=[1.0, 2.0, 3.0]))
+    pd.DataFrame(dict(run=["base", "a", "a", "b"], seed=[-1, 1, 2, 2], x=[9.0, 9.0, 4.0, 5.0])).to_csv(tmp_path / "o.csv", index=False)
+    out = pool_runs(mine, [tmp_path / "o.csv"])
+    assert list(zip(out.run, out.seed, out.x)) == [("base", -1, 1.0), ("a", 0, 2.0), ("a", 1, 3.0), ("a", 2, 4.0), ("b", 2, 5.0)]
+    assert len(pool_runs(mine, [tmp_path / "o.csv"], skip=())) == 5  # base -1 is held already either way
+    assert len(pool_runs(pd.DataFrame(), [tmp_path / "o.csv"], skip=())) == 4  # an empty start takes every row

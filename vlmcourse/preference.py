@@ -24,8 +24,8 @@ from .hallucination import EVAL_SEED, REPORT_FORMAT, hallucination_report
 # %% auto 0
 __all__ = ['OBJECTIVES', 'METRICS', 'SWEEP_KINDS', 'KEEP', 'GAP_METRICS', 'SWEEP_COLUMNS', 'BEST_ALIGNMENT', 'AlignConfig',
            'sft_train', 'align', 'run_sweep', 'results_table', 'results_markdown', 't_tail', 'welch',
-           'counter_frac_runs', 'sweep_tests', 'pick_best', 'add_gap_closed', 'goal_check', 'sweep_markdown',
-           'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
+           'counter_frac_runs', 'sweep_tests', 'pick_best', 'add_gap_closed', 'pool_runs', 'goal_check',
+           'sweep_markdown', 'write_section', 'best_aligned_vlm_path', 'best_aligned_vlm']
 
 # %% ../nbs/07_preference.ipynb 7
 OBJECTIVES = ("sft", "dpo")
@@ -250,6 +250,18 @@ def add_gap_closed(df: pd.DataFrame, # runs, with one 'base' row and one 'oracle
         df[name] = (df[col] - base) / gap if abs(gap) > 1e-9 else float("nan")
     return df
 
+def pool_runs(df: pd.DataFrame, # a run's rows (run, seed, figures)
+              files: list, # CSVs written by earlier runs of the same script (other seeds, other cores)
+              skip=("base", "oracle"), # runs taken from `df` only
+             ) -> pd.DataFrame:
+    "`df` with each file's rows for the (run, seed) pairs it does not hold yet, file by file."
+    for f in files:
+        old = pd.read_csv(f)
+        have = set(zip(df["run"], df["seed"])) if len(df) else set()
+        df = pd.concat([df, old[[r not in skip and (r, s) not in have for r, s in zip(old["run"], old["seed"])]]],
+                       ignore_index=True)
+    return df
+
 def goal_check(df: pd.DataFrame, run: str) -> dict:
     """The best run's goal, from the sweep: CHAIR_s cut by 80% or more, typical exact within a point, 75% of the gap to
     the oracle closed."""
@@ -271,8 +283,9 @@ def sweep_markdown(df: pd.DataFrame) -> str:
     g = goal_check(df, best)
     lines = [results_markdown(results_table(df.to_dict("records"), SWEEP_COLUMNS), SWEEP_COLUMNS), ""]
     lines += [f"- {t['line']}" for t in sweep_tests(df).values()]
-    lines += ["", f"The rule's best run (`pick_best`: the lowest counter CHAIR_s among runs within a point of the base model's "
-              f"typical exact and two points of its typical POPE adversarial accuracy) is **{best}**: "
+    keeps = ", ".join(f"{METRICS.get(k, k)} within {d * 100:g} point{'' if d == 0.01 else 's'}" for k, d in KEEP.items())
+    lines += ["", f"The rule's best run (`pick_best`: the lowest counter CHAIR_s among runs that keep the base model's "
+              f"figures on typical scenes, {keeps}) is **{best}**: "
               f"counter CHAIR_s {g['CHAIR_s cut']:.0%} below the base model's, "
               f"{g['gap closed']:.0%} of the base-to-oracle gap closed, typical exact {g['typical exact drop']:.3f} "
               f"below the base model's; the goal (80%, 1 point, 75%) is {'met' if g['goal met'] else 'not met'}."]
