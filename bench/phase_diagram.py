@@ -3,6 +3,11 @@
 
     python bench/phase_diagram.py --seeds 0 1 2 --write nbs/results/phase_diagram.csv
     python bench/phase_diagram.py --seeds 0 --procs 2        # one seed, two processes of one thread each
+    python bench/phase_diagram.py --corners --procs 1        # only the 2 x 2 corner 02_llava's test cell reads
+
+--corners trains the four points of `PHASE_CORNERS` at `PHASE_TEST_STEPS` alignment steps on seed 0 (about two and a
+half minutes on one core) into the cache, where 02_llava's test cell finds them: tests/run.sh runs it beside
+`vlmcourse train`, on the core that training the base model leaves free.
 
 Each point trains a base model from scratch (about 3 minutes on one core): 9 cells x 3 seeds take about 2 hours on
 one core. Points run in --procs processes with one torch thread each; keep --procs at or below the free cores.
@@ -19,13 +24,15 @@ def point(args):
     return phase_point(*args)
 
 if __name__ == "__main__":
-    from vlmcourse.llava import PHASE_GRID, phase_table
+    from vlmcourse.llava import PHASE_CORNERS, PHASE_GRID, PHASE_TEST_STEPS, phase_table
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--procs", type=int, default=2, help="processes, one torch thread each")
     ap.add_argument("--write", default=None, help="write the points as CSV here")
+    ap.add_argument("--corners", action="store_true", help="only 02_llava's 2 x 2 test corner (seed 0, PHASE_TEST_STEPS)")
     a = ap.parse_args()
-    jobs = [(p, r, s) for s in a.seeds for p in PHASE_GRID["align_prior"] for r in PHASE_GRID["stage1_ratio"]]
+    jobs = ([(p, r, 0, PHASE_TEST_STEPS) for p, r in PHASE_CORNERS] if a.corners else
+            [(p, r, s) for s in a.seeds for p in PHASE_GRID["align_prior"] for r in PHASE_GRID["stage1_ratio"]])
     with ProcessPoolExecutor(a.procs, mp_context=mp.get_context("spawn")) as pool:  # not daemonic: train_base starts a data worker
         points = []
         for fut in as_completed([pool.submit(point, j) for j in jobs]):

@@ -24,13 +24,13 @@ from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_visi
                             vision_config)
 
 # %% auto 0
-__all__ = ['PHASE_GRID', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm', 'check_texts', 'text_prompt',
-           'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange', 'sft_batch', 'epoch_batches',
-           'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples', 'AlignmentBatches', 'text_stage',
-           'align_stage', 'train_base', 'generate', 'describe', 'answerer', 'save_vlm', 'default_device', 'load_vlm',
-           'story_figures', 'tells_the_story', 'reads_the_world', 'training_key', 'text_stage_vlm_path',
-           'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path', 'oracle_vlm', 'phase_point', 'phase_table',
-           'plot_phase']
+__all__ = ['PHASE_GRID', 'PHASE_CORNERS', 'PHASE_TEST_STEPS', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm',
+           'check_texts', 'text_prompt', 'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange',
+           'sft_batch', 'epoch_batches', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
+           'AlignmentBatches', 'text_stage', 'align_stage', 'train_base', 'generate', 'describe', 'answerer',
+           'save_vlm', 'default_device', 'load_vlm', 'story_figures', 'tells_the_story', 'reads_the_world',
+           'training_key', 'text_stage_vlm_path', 'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path',
+           'oracle_vlm', 'phase_point', 'phase_table', 'plot_phase']
 
 # %% ../nbs/02_llava.ipynb 6
 @dataclass(frozen=True)
@@ -553,6 +553,8 @@ register(ModelEntry("oracle", "the same recipe on a world without the prior: the
 # %% ../nbs/02_llava.ipynb 59
 # the diagram's cells; the course's recipe is (1.0, 0.21)
 PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))
+# the 2 x 2 corner that `nbdev_test` runs: (align_prior, stage1_ratio) on seed 0, at a third of the alignment budget
+PHASE_CORNERS, PHASE_TEST_STEPS = [(p, r) for p in (0.9, 1.0) for r in (0.05, 0.6)], 1000
 
 def phase_point(align_prior: float, # P(partner | object) in the alignment data
                 stage1_ratio: float, # text-only captions, as a share of the alignment stage's examples
