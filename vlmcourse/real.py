@@ -448,10 +448,12 @@ def coco_synonym_table() -> dict:
         table[phrase] = table[_plural(phrase)] = None if word is None else table.get(word)
     return table
 
-def coco_mentions(caption: str) -> list:
+def coco_mentions(caption: str,
+                  table: dict = None, # from `coco_synonym_table`: pass it when reading many captions (default: built here)
+                 ) -> list:
     "The COCO categories a caption names, in order of first mention; the longest phrase at each word wins, as in CHAIR."
     import re
-    table = coco_synonym_table()
+    if table is None: table = coco_synonym_table()
     words = re.findall(r"[a-z]+", caption.lower())
     found, k = [], 0
     while k < len(words):
@@ -479,11 +481,11 @@ def chair_coco(captions, # [{"image_id", "caption"}] (COCO's results format), or
     """CHAIR_s and CHAIR_i of captions of COCO images against their annotated objects, with CHAIR's synonyms, and
     per-caption detail."""
     if isinstance(captions, (str, Path)): captions = json.loads(Path(captions).read_text())
-    truths = coco_truths(instances_path)
+    truths, table = coco_truths(instances_path), coco_synonym_table()  # the table once, for every caption
     per = []
     for c in captions:
         if c["image_id"] not in truths: raise ValueError(f"image_id {c['image_id']} is not in {instances_path}")
-        m = coco_mentions(c["caption"])
+        m = coco_mentions(c["caption"], table)
         per.append(dict(image_id=c["image_id"], caption=c["caption"], mentioned=m,
                         hallucinated=[o for o in m if o not in truths[c["image_id"]]]))
     if not per: raise ValueError("no captions to score")
