@@ -115,7 +115,6 @@ SWEEP = ROOT / "nbs" / "results" / "counter_frac_sweep.csv"
 
 def test_readme_and_landing_page_results_are_the_sweep_as_written_by_code():
     import json
-    import pandas as pd
     from vlmcourse.preference import sweep_markdown
     want = sweep_markdown(pd.read_csv(SWEEP)).strip()
     index = "".join("".join(c["source"]) for c in json.loads((ROOT / "nbs" / "index.ipynb").read_text())["cells"] if c["cell_type"] == "markdown")
@@ -125,13 +124,11 @@ def test_readme_and_landing_page_results_are_the_sweep_as_written_by_code():
 
 
 def test_the_rule_picks_the_served_model_from_the_committed_sweep():
-    import pandas as pd
     from vlmcourse.preference import counter_frac_runs, pick_best
     assert counter_frac_runs()[pick_best(pd.read_csv(SWEEP))] == BEST_ALIGNMENT
 
 
 def _sweep(rows):
-    import pandas as pd
     keys = ("counter/chair_s", "typical/exact", "typical_pope_adversarial/accuracy")
     return pd.DataFrame([dict(run=r, seed=s, **dict(zip(keys, figs))) for r, s, *figs in rows])
 
