@@ -17,22 +17,22 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 import pandas as pd
 
-def point(args):
+def point(kwargs):
     import torch
     torch.set_num_threads(1)
     from vlmcourse.llava import phase_point
-    return phase_point(*args)
+    return phase_point(**kwargs)
 
 if __name__ == "__main__":
-    from vlmcourse.llava import PHASE_CORNERS, PHASE_GRID, PHASE_TEST_STEPS, phase_table
+    from vlmcourse.llava import PHASE_CORNERS, PHASE_GRID, phase_table
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--procs", type=int, default=2, help="processes, one torch thread each")
     ap.add_argument("--write", default=None, help="write the points as CSV here")
     ap.add_argument("--corners", action="store_true", help="only 02_llava's 2 x 2 test corner (seed 0, PHASE_TEST_STEPS)")
     a = ap.parse_args()
-    jobs = ([(p, r, 0, PHASE_TEST_STEPS) for p, r in PHASE_CORNERS] if a.corners else
-            [(p, r, s) for s in a.seeds for p in PHASE_GRID["align_prior"] for r in PHASE_GRID["stage1_ratio"]])
+    jobs = (PHASE_CORNERS if a.corners else [dict(align_prior=p, stage1_ratio=r, seed=s) for s in a.seeds
+                                             for p in PHASE_GRID["align_prior"] for r in PHASE_GRID["stage1_ratio"]])
     with ProcessPoolExecutor(a.procs, mp_context=mp.get_context("spawn")) as pool:  # not daemonic: train_base starts a data worker
         points = []
         for fut in as_completed([pool.submit(point, j) for j in jobs]):

@@ -24,7 +24,7 @@ from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_visi
                             vision_config)
 
 # %% auto 0
-__all__ = ['PHASE_GRID', 'PHASE_CORNERS', 'PHASE_TEST_STEPS', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm',
+__all__ = ['PHASE_GRID', 'PHASE_TEST_STEPS', 'PHASE_CORNERS', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm',
            'check_texts', 'text_prompt', 'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange',
            'sft_batch', 'epoch_batches', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
            'AlignmentBatches', 'text_stage', 'align_stage', 'train_base', 'generate', 'describe', 'answerer',
@@ -553,8 +553,10 @@ register(ModelEntry("oracle", "the same recipe on a world without the prior: the
 # %% ../nbs/02_llava.ipynb 59
 # the diagram's cells; the course's recipe is (1.0, 0.21)
 PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))
-# the 2 x 2 corner that `nbdev_test` runs: (align_prior, stage1_ratio) on seed 0, at a third of the alignment budget
-PHASE_CORNERS, PHASE_TEST_STEPS = [(p, r) for p in (0.9, 1.0) for r in (0.05, 0.6)], 1000
+# the 2 x 2 corner that `nbdev_test` runs (`phase_point`'s arguments): seed 0, at a third of the alignment budget
+PHASE_TEST_STEPS = 1000
+PHASE_CORNERS = [dict(align_prior=p, stage1_ratio=r, seed=0, stage2_steps=PHASE_TEST_STEPS)
+                 for p in (0.9, 1.0) for r in (0.05, 0.6)]
 
 def phase_point(align_prior: float, # P(partner | object) in the alignment data
                 stage1_ratio: float, # text-only captions, as a share of the alignment stage's examples
