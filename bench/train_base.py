@@ -55,12 +55,14 @@ if not a.no_oracle: runs += [(f"oracle, seed {s}", replace(oracle_config(base), 
 rows = {}
 for name, tcfg, threads in runs:
     model, proc, hist = train_base(tcfg, progress=False, threads=threads)
-    s1, s2 = hist["stage1_seconds"], hist["stage2_seconds"]
+    s0, s1, s2 = hist["stage0_seconds"], hist["stage1_seconds"], hist["stage2_seconds"]
     torch.set_num_threads(1)
     fig = base_figures(answerer(model, proc), base.world, n=a.n)
     ok = meets_bar(fig)
-    rows[name] = {"seconds": hist["seconds"], **fig, "meets bar": all(ok.values()) if not name.startswith("oracle") else None}
-    print(f"{name}: stage 1 {s1:.1f} s ({len(hist['stage1']) * B / s1:.0f} ex/s), stage 2 {s2:.1f} s ({len(hist['stage2']) * B / s2:.0f} ex/s); "
+    stages = {f"stage {k} seconds": hist[f"stage{k}_seconds"] for k in (0, 1, 2)}
+    rows[name] = {"seconds": hist["seconds"], **stages, **fig, "meets bar": all(ok.values()) if not name.startswith("oracle") else None}
+    print(f"{name}: stage 0 {s0:.1f} s ({len(hist['stage0']) * B / max(s0, 1e-9):.0f} ex/s), "
+          f"stage 1 {s1:.1f} s ({len(hist['stage1']) * B / s1:.0f} ex/s), stage 2 {s2:.1f} s ({len(hist['stage2']) * B / s2:.0f} ex/s); "
           + ", ".join(f"{k} {v:.3f}" for k, v in fig.items()) + f"; misses: {[k for k, v in ok.items() if not v]}", flush=True)
 table = pd.DataFrame(rows).T
 pd.set_option("display.width", 250)

@@ -9,6 +9,7 @@ from PIL import Image
 from vlmcourse.cache import cached_artifact
 from vlmcourse.world import WorldConfig, sample_scenes, render, caption, CAPTION_PROMPT
 from vlmcourse.world import is_typical
+from helpers import TINY_TEXT
 from vlmcourse.clip import VisionTowerConfig, to_rgb
 from vlmcourse.llava import (LlavaModelConfig, BaseTrainConfig, AlignmentBatches, build_processor, build_vlm, chat_prompt, sft_batch,
                              generate, describe, save_vlm, load_vlm, train_base, train_loop, stage2_examples, oracle_config,
@@ -84,7 +85,7 @@ def test_bad_inputs_have_clear_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="must divide"): VisionTowerConfig(patch_size=7)
 
 def test_training_reduces_loss():
-    tcfg = replace(BaseTrainConfig(), stage1_captions=640, stage2_steps=30)
+    tcfg = replace(BaseTrainConfig(), stage1_captions=640, stage2_steps=30, **TINY_TEXT)
     model, proc, hist = train_base(tcfg, progress=False)
     assert np.mean(hist["stage1"][-5:]) < np.mean(hist["stage1"][:5])
     assert np.mean(hist["stage2"][-5:]) < np.mean(hist["stage2"][:5])
@@ -173,14 +174,14 @@ def test_train_loop_parameter_groups(tiny):
 
 def test_train_base_restores_thread_count():
     before = torch.get_num_threads()
-    train_base(replace(BaseTrainConfig(), stage1_captions=64, stage2_steps=2, batch_size=8, clip_init=False), progress=False, threads=2, workers=0)
+    train_base(replace(BaseTrainConfig(), stage1_captions=64, stage2_steps=2, batch_size=8, clip_init=False, **TINY_TEXT), progress=False, threads=2, workers=0)
     assert torch.get_num_threads() == before
 
 def test_base_vlm_tries_the_next_seed_until_one_tells_the_story(tmp_path, monkeypatch):
     "A tiny model passes no check: base_vlm_path and oracle_vlm_path train seed_tries seeds, record each, keep the last."
     from vlmcourse.llava import base_vlm_path, oracle_vlm_path, tells_the_story, reads_the_world
     monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
-    tcfg = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False, seed_tries=2, seed=5)
+    tcfg = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False, seed_tries=2, seed=5, **TINY_TEXT)
     tries = json.loads((base_vlm_path(tcfg, progress=False) / "history.json").read_text())["tries"]
     assert [t["seed"] for t in tries] == [5, 6] and not any(t["passes"] for t in tries)
     oracle_tries = json.loads((oracle_vlm_path(tcfg, progress=False) / "history.json").read_text())["tries"]
@@ -194,7 +195,7 @@ def test_base_vlm_tries_the_next_seed_until_one_tells_the_story(tmp_path, monkey
 def test_the_two_stages_are_train_base():
     "text_stage then align_stage is train_base, step for step, so later lessons can start from the text stage."
     from vlmcourse.llava import align_stage, text_stage
-    t = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False)
+    t = BaseTrainConfig(stage1_captions=64, stage2_steps=3, batch_size=8, clip_init=False, **TINY_TEXT)
     torch.set_num_threads(1)
     _, _, hist = train_base(t, progress=False)
     model, proc, s1 = text_stage(t, progress=False)
@@ -219,3 +220,50 @@ def test_phase_point_is_measured_once_then_read_from_the_cache(tmp_path, monkeyp
     assert trained[0].stage1_captions == max(trained[0].batch_size, round(0.05 * 4 * trained[0].batch_size))
     assert set(a) == {"align_prior", "stage1_ratio", "seed", "counter_chair_s", "typical_exact"} and c["align_prior"] == 0.9
     assert 0 <= a["counter_chair_s"] <= 1 and 0 <= a["typical_exact"] <= 1
+
+
+def test_stage0_data():
+    "Copying pairs repeat a random sequence of ordinary words; lookups answer a colour or a position after the caption."
+    from vlmcourse.llava import copy_examples, lookup_examples
+    from vlmcourse.world import final_answer, questions
+    w = WorldConfig()
+    tok = build_processor(w).tokenizer
+    ex = copy_examples(tok, 50, seed=0)
+    assert all(p == a and 5 <= len(p) <= 10 for p, a in ex) and len({tuple(p) for p, _ in ex}) == 50
+    assert not set(tok.all_special_ids) & {i for p, _ in ex for i in p}
+    assert ex == copy_examples(tok, 50, seed=0) and ex != copy_examples(tok, 50, seed=1)
+    look = lookup_examples(w, 40, seed=3)
+    scenes = sample_scenes(w, 40, seed=3)
+    assert {q.split()[0] for q, _ in look} == {"what", "where"}  # both kinds
+    for (q, a), s in zip(look, scenes):
+        assert a.startswith(caption(s, w) + " the ")  # the caption first
+        shape = q.split()[-2]
+        o = next(o for o in s.objects if o.shape == shape)
+        assert final_answer(a) == (f"{o.colour} ." if q.startswith("what") else f"{w.positions[o.cell]} .")
+    with pytest.raises(ValueError, match="copy_steps"): BaseTrainConfig(lookup_steps=-1)
+
+
+def test_stage2_answers_describe_first():
+    from vlmcourse.llava import stage2_examples
+    from vlmcourse.world import final_answer
+    t = BaseTrainConfig()
+    long, short = stage2_examples(t, 300, seed=4), stage2_examples(replace(t, describe_first=False), 300, seed=4)
+    assert [(s, q) for s, q, _ in long] == [(s, q) for s, q, _ in short]  # the same scenes and questions
+    asks = [q.startswith(("what colour", "where is")) for _, q, _ in short]
+    assert 20 < sum(asks) < 100
+    for (s, q, a), (_, _, b), ask in zip(long, short, asks):
+        assert (a == f"{caption(s, t.world)} the {q.split()[-2]} is {'at ' if q.startswith('where') else ''}{b}") if ask else a == b
+        assert final_answer(a) == b
+
+
+def test_base_vlm_keeps_its_text_stage(tmp_path, monkeypatch):
+    "Training the base model caches the model after stages 0 and 1, the one text_stage_vlm would train."
+    import vlmcourse.llava as L
+    monkeypatch.setenv("VLMCOURSE_CACHE", str(tmp_path))
+    t = BaseTrainConfig(stage1_captions=64, stage2_steps=2, batch_size=8, clip_init=False, seed_tries=1, **TINY_TEXT)
+    torch.set_num_threads(1)
+    L.base_vlm_path(t, progress=False)
+    model, _, _ = L.text_stage(t, progress=False)
+    monkeypatch.setattr(L, "text_stage", lambda *a, **k: pytest.fail("the text stage was trained again"))
+    kept, _ = L.text_stage_vlm(t, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), kept.state_dict().values()))

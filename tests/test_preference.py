@@ -12,13 +12,14 @@ import torch
 
 from vlmcourse.dpo import DPOTrainConfig, dpo_train
 from vlmcourse.llava import BaseTrainConfig, build_processor, build_vlm
+from helpers import TINY_TEXT
 from vlmcourse.pairs import build_pairs
 from vlmcourse.preference import (BEST_ALIGNMENT, AlignConfig, align, best_aligned_vlm, best_aligned_vlm_path,
                                   results_markdown, results_table, sft_train)
 from vlmcourse.world import WorldConfig
 
 WCFG = WorldConfig()
-TINY_BASE = BaseTrainConfig(stage1_captions=64, stage2_steps=4, batch_size=8, clip_init=False, seed_tries=1)  # trains in a second or two
+TINY_BASE = BaseTrainConfig(stage1_captions=64, stage2_steps=4, batch_size=8, clip_init=False, seed_tries=1, **TINY_TEXT)  # trains in a second or two
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,15 @@ def test_a_prior_that_cannot_be_met_fails_with_a_message():
     cfg = WorldConfig(shapes=("circle", "square"), max_objects=1, partners=(("circle", "square"), ("square", "circle")), prior_strength=1.0)
     for kind in ("prior", "typical"):
         with pytest.raises(ValueError, match="tries"): sample_scene(cfg, random.Random(0), kind)
+
+
+def test_describe_first_and_final_answer():
+    from vlmcourse.world import describe_first, final_answer, questions
+    w = WorldConfig()
+    for s in sample_scenes(w, 30, seed=2):
+        for q, a in questions(s, w)[1:]:  # presence, colour, position, count
+            long = describe_first(s, w, q, a)
+            assert final_answer(long) == a and final_answer(a) == a
+            assert (long != a) == q.startswith(("what colour is the ", "where is the "))
+    assert final_answer("a red square at top left . the square is at top left .") == "top left ."
+    with pytest.raises(TypeError, match="string"): final_answer(None)

@@ -15,7 +15,7 @@ from filelock import FileLock
 __all__ = ['CACHE_FORMAT', 'KEY_FILE', 'cache_dir', 'config_key', 'depends', 'write_atomically', 'cached_artifact', 'can_run']
 
 # %% ../nbs/cache.ipynb 5
-CACHE_FORMAT = 2  # bump when a change of the course's code changes what a cached config would train (2: the robust base model)
+CACHE_FORMAT = 3  # bump when a change of the course's code changes what a cached config would train (3: stage 0, describe first)
 KEY_FILE = "vlmcourse_key.json"  # the full key, written into every artifact and checked on every hit
 
 def cache_dir() -> Path:

@@ -173,7 +173,7 @@ def hallucination_report(answer, # answer(images, questions) -> replies
 
 # %% ../nbs/03_hallucination.ipynb 40
 import random
-from .world import questions
+from .world import final_answer, questions
 
 BASE_BAR = {"typical exact": (">=", 0.95), "typical POPE random": (">=", 0.95), "typical POPE popular": (">=", 0.95),
             "typical POPE adversarial": (">=", 0.95), "typical colour": (">=", 0.95), "typical position": (">=", 0.95),
@@ -195,7 +195,8 @@ def base_figures(answer, # answer(images, questions) -> replies
     asked = [(k, qa) for k, s in enumerate(typical) for qa in questions(s, wcfg, rng)[-3:]]
     images = [render(s, wcfg) for s in typical]
     replies = _ask(answer, [images[k] for k, _ in asked], [q for _, (q, _) in asked])
-    right = np.array([r == a for r, (_, (_, a)) in zip(replies, asked)]).reshape(len(typical), 3)
+    # a describe-first reply ('... . the square is blue .') counts by its final answer
+    right = np.array([final_answer(r) == a for r, (_, (_, a)) in zip(replies, asked)]).reshape(len(typical), 3)
     out |= {f"typical {name}": float(right[:, j].mean()) for j, name in enumerate(("colour", "position", "count"))}
     c = evaluate_captions(answer, counter, wcfg)
     out |= {"counter CHAIR_s": c["chair_s"], "counter CHAIR_i": c["chair_i"], "counter exact": c["exact"]}

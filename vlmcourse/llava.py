@@ -6,6 +6,7 @@
 from __future__ import annotations
 import json, math, os, random, tempfile, time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from .cache import cached_artifact, write_atomically
 from .registry import ModelEntry, register
 from .world import (CAPTION_PROMPT, CHAT_TEMPLATE, SPECIAL_TOKENS, WorldConfig, absent_mentions,
-                             build_tokenizer, caption, questions, world_words, pope_probes, render, sample_scenes)
+                             build_tokenizer, caption, describe_first, questions, world_words, pope_probes, render, sample_scenes)
 from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_vision_state_dict, image_processor, to_rgb,
                             vision_config)
 
@@ -27,10 +28,11 @@ from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_visi
 __all__ = ['PHASE_GRID', 'PHASE_TEST_STEPS', 'PHASE_CORNERS', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm',
            'check_texts', 'text_prompt', 'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange',
            'sft_batch', 'epoch_batches', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
-           'AlignmentBatches', 'text_stage', 'align_stage', 'train_base', 'generate', 'describe', 'answerer',
-           'save_vlm', 'default_device', 'load_vlm', 'story_figures', 'tells_the_story', 'reads_the_world',
-           'training_key', 'text_stage_vlm_path', 'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path',
-           'oracle_vlm', 'phase_point', 'phase_table', 'plot_phase']
+           'AlignmentBatches', 'copy_examples', 'lookup_examples', 'fresh_vlm', 'lm_stage', 'caption_stage',
+           'text_stage', 'align_stage', 'train_base', 'lookup_accuracy', 'generate', 'describe', 'answerer', 'save_vlm',
+           'default_device', 'load_vlm', 'story_figures', 'tells_the_story', 'reads_the_world', 'training_key',
+           'text_stage_vlm_path', 'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path', 'oracle_vlm',
+           'phase_point', 'phase_table', 'plot_phase']
 
 # %% ../nbs/02_llava.ipynb 6
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class LlavaModelConfig:
     vision_feature_select: str = "full"
     text_hidden: int = 64  # decoder width (the projector maps vision_hidden -> text_hidden)
     text_layers: int = 2  # decoder depth: enough to learn the world's grammar and its co-occurrence prior
-    text_heads: int = 4  # 16-dim heads
+    text_heads: int = 8  # 8-dim heads: stage 0's lookups (below) were trained and measured with these
     max_positions: int = 128  # 17 image tokens + a prompt and a 3-object caption fit with room to spare
     tie_embeddings: bool = False  # separate input and output word embeddings, as in LLaVA-1.5's Llama
 
@@ -229,8 +231,12 @@ class BaseTrainConfig:
     "How the base model is trained; the cache key of the base model."
     world: WorldConfig = WorldConfig()  # the biased world: stage 1's captions, and the scenes stage 2 draws (with `align_prior`)
     model: LlavaModelConfig = LlavaModelConfig()  # its sizes
-    # text-only captions (625 steps): the LM learns the prior (BPO's imbalance); 60,000 left colours unlearnt on 2 seeds of 5
-    stage1_captions: int = 20000
+    # stage 0, the language model's pretraining (text only): copying random word sequences forms induction heads, which
+    # looking a word up in context needs (`bench/lm_stage.py` measures stage 0 with and without them)
+    copy_steps: int = 3000
+    lookup_steps: int = 500  # then caption-then-answer lookups ('describe first', below)
+    stage1_captions: int = 20000  # text-only captions (625 steps of them): the LM learns the prior (BPO's imbalance)
+    stage1_lookups: int = 20000  # lookups shuffled in with stage 1's captions, so that stage 1 keeps them (`bench/lm_stage.py`)
     stage1_lr: float = 2e-3  # a plain language model tolerates a high rate
     # P(partner | object) in the alignment data: 1.0 = they never contradict the prior, as curated web captions rarely do
     align_prior: float = 1.0
@@ -244,6 +250,9 @@ class BaseTrainConfig:
     clip_grad: float = 1.0  # max gradient norm
     caption_frac: float = 0.4  # share of stage-2 examples that are captions
     presence_frac: float = 0.4  # share that are "is there a ...?" questions, half about a present shape, half about an absent one
+    # colour and position answers describe the scene first, then read the answer from that description
+    # (`world.describe_first`): a lookup in text, which stage 0 taught, instead of finding the shape among image patches
+    describe_first: bool = True
     # start the vision tower from 01_clip's CLIP, as LLaVA starts from OpenAI's: from scratch, only some seeds learnt colours
     clip_init: bool = True
     seed: int = 0  # data and weights
@@ -256,6 +265,8 @@ class BaseTrainConfig:
             raise ValueError("caption_frac and presence_frac are shares of stage 2: each >= 0, together <= 1")
         if not 0 <= self.stage2_lm_lr_scale: raise ValueError(f"stage2_lm_lr_scale must be >= 0, got {self.stage2_lm_lr_scale}")
         if self.seed_tries < 1: raise ValueError(f"seed_tries must be at least 1, got {self.seed_tries}")
+        if min(self.copy_steps, self.lookup_steps, self.stage1_lookups) < 0:
+            raise ValueError("copy_steps, lookup_steps and stage1_lookups count steps or examples: each must be >= 0")
         if self.stage1_captions < self.batch_size:
             raise ValueError(f"stage1_captions={self.stage1_captions} is less than one batch of {self.batch_size}")
 
@@ -266,7 +277,7 @@ def oracle_config(tcfg: BaseTrainConfig = BaseTrainConfig()) -> BaseTrainConfig:
 # %% ../nbs/02_llava.ipynb 24
 def stage2_examples(tcfg: BaseTrainConfig, n: int, seed: int) -> list:
     """`n` (scene, question, answer) examples, a fresh scene each: a caption, a presence question or a colour, position or
-    count question."""
+    count question (colour and position answers described first, with `tcfg.describe_first`)."""
     rng = random.Random(f"stage2-{seed}")
     out = []
     for s in sample_scenes(replace(tcfg.world, prior_strength=tcfg.align_prior), n, seed=seed):
@@ -275,7 +286,7 @@ def stage2_examples(tcfg: BaseTrainConfig, n: int, seed: int) -> list:
         if r < tcfg.caption_frac: q, a = qa[0]
         elif r < tcfg.caption_frac + tcfg.presence_frac: q, a = qa[1] if rng.random() < 0.5 or len(qa) < 6 else qa[2]
         else: q, a = rng.choice(qa[-3:])
-        out.append((s, q, a))
+        out.append((s, q, describe_first(s, tcfg.world, q, a) if tcfg.describe_first else a))
     return out
 
 class AlignmentBatches(torch.utils.data.Dataset):
@@ -304,11 +315,21 @@ def _batch_stream(ds, workers: int):
               else (ds[k] for k in range(len(ds))))
     return lambda step: next(it)
 
-def text_stage(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its world, sizes, stage-1 captions and rate
-               progress: bool = True,
-              ):
-    """Stage 1 alone: a fresh LLaVA (its vision tower from 01_clip's CLIP) whose language model reads the biased world's
-    captions; (model, processor, losses)."""
+def copy_examples(tokenizer, n: int, seed: int, lengths: tuple = (5, 10)) -> list:
+    """`n` (prompt ids, answer ids) pairs that repeat a random sequence of the world's words: predicting the repeat forms
+    induction heads, the attention circuit that finds a token earlier in the context and copies what is next to it."""
+    rng, special = random.Random(f"copy-{seed}"), set(tokenizer.all_special_ids)
+    words = [i for i in range(len(tokenizer)) if i not in special]
+    return [(seq, seq) for seq in ([rng.choice(words) for _ in range(rng.randint(*lengths))] for _ in range(n))]
+
+def lookup_examples(wcfg: WorldConfig, n: int, seed: int) -> list:
+    "`n` text-only (question, describe-first answer) examples: a scene's caption, then one shape's colour or position."
+    rng = random.Random(f"lookups-{seed}")
+    return [rng.choice([(q, describe_first(s, wcfg, q, a)) for q, a in questions(s, wcfg, rng)[-3:-1]])
+            for s in sample_scenes(wcfg, n, seed=seed)]
+
+def fresh_vlm(tcfg: BaseTrainConfig = BaseTrainConfig()):
+    "(model, processor): an untrained LLaVA of the recipe's sizes, its vision tower from 01_clip's CLIP (`clip_init`)."
     torch.manual_seed(tcfg.seed)
     proc = build_processor(tcfg.world, tcfg.model)
     model = build_vlm(proc, tcfg.model, seed=tcfg.seed)
@@ -318,13 +339,47 @@ def text_stage(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its worl
         except RuntimeError as e:
             raise ValueError("the trained CLIP vision tower does not fit this LLaVA's vision config: "
                              f"{str(e).splitlines()[0]}") from None
+    return model, proc
+
+def _text_fit(model, proc, tcfg, examples, desc, progress):
+    "Train on text-only (prompt ids, answer ids) pairs or (question, answer) strings, a batch at a time, in their order."
     tok, B = proc.tokenizer, tcfg.batch_size
-    caps = [caption(s, tcfg.world) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]  # tokenised once
-    prompt = tok(text_prompt(tok, CAPTION_PROMPT))["input_ids"]
-    pairs = [(prompt, a) for a in answer_ids(tok, caps)]
-    losses = train_loop(model, lambda k: pack_examples(pairs[k * B:(k + 1) * B], tok.pad_token_id), len(pairs) // B,
-                        tcfg.stage1_lr, tcfg.warmup, tcfg.clip_grad, desc="stage 1: text only", progress=progress)
-    return model, proc, losses
+    if examples and isinstance(examples[0][0], str):
+        prompts = {q: tok(text_prompt(tok, q))["input_ids"] for q in {q for q, _ in examples}}  # each text tokenised once
+        examples = [(prompts[q], a) for (q, _), a in zip(examples, answer_ids(tok, [a for _, a in examples]))]
+    return train_loop(model, lambda k: pack_examples(examples[k * B:(k + 1) * B], tok.pad_token_id), len(examples) // B,
+                      tcfg.stage1_lr, tcfg.warmup, tcfg.clip_grad, desc=desc, progress=progress)
+
+def lm_stage(model, processor, # a fresh model (`fresh_vlm`), trained in place, and its processor
+             tcfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> list:
+    """Stage 0, the language model's pretraining: copying random word sequences (`copy_steps`), then caption-then-answer
+    lookups (`lookup_steps`); returns the loss at every step."""
+    B, losses = tcfg.batch_size, []
+    if tcfg.copy_steps:
+        losses += _text_fit(model, processor, tcfg, copy_examples(processor.tokenizer, tcfg.copy_steps * B, tcfg.seed),
+                            "stage 0: copying", progress)
+    if tcfg.lookup_steps:
+        losses += _text_fit(model, processor, tcfg, lookup_examples(tcfg.world, tcfg.lookup_steps * B, tcfg.seed + 7),
+                            "stage 0: lookups", progress)
+    return losses
+
+def caption_stage(model, processor, # the model after `lm_stage`, trained in place, and its processor
+                  tcfg: BaseTrainConfig = BaseTrainConfig(), progress: bool = True) -> list:
+    """Stage 1: the biased world's captions, `stage1_lookups` lookups shuffled in so that the lookups stay; returns the
+    loss at every step."""
+    caps = [(CAPTION_PROMPT, caption(s, tcfg.world)) for s in sample_scenes(tcfg.world, tcfg.stage1_captions, seed=tcfg.seed + 1)]
+    examples = caps + lookup_examples(tcfg.world, tcfg.stage1_lookups, tcfg.seed + 8)
+    random.Random(f"stage1-{tcfg.seed}").shuffle(examples)
+    return _text_fit(model, processor, tcfg, examples, "stage 1: text only", progress)
+
+def text_stage(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its world, sizes, text-only stages and rate
+               progress: bool = True,
+              ):
+    """Stages 0 and 1 (`lm_stage`, `caption_stage`) on a fresh LLaVA (`fresh_vlm`): its language model learns to copy,
+    to look a word up in a caption, and the biased world's captions; (model, processor, stage-1 losses)."""
+    model, proc = fresh_vlm(tcfg)
+    lm_stage(model, proc, tcfg, progress)
+    return model, proc, caption_stage(model, proc, tcfg, progress)
 
 def align_stage(model, processor, # the model after `text_stage`, trained in place, and its processor
                 tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe: its alignment data, steps and rates
@@ -350,22 +405,49 @@ def train_base(tcfg: BaseTrainConfig = BaseTrainConfig(), # the recipe
                progress: bool = True, # progress bars
                threads: int = 1, # torch threads for the training itself (the weights differ in the last bits with another count)
                workers: int = 1, # processes that prepare stage-2 batches beside training (0: prepare them in line)
+               after_text=None, # after_text(model, processor, stage-1 losses), called before stage 2 (e.g. to keep a copy)
               ):
-    "Train the base model in two stages (`text_stage`, then `align_stage`); returns (model, processor, history)."
+    "Train the base model in three stages (`lm_stage`, `caption_stage`, then `align_stage`); returns (model, processor, history)."
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.time()
-        model, proc, stage1 = text_stage(tcfg, progress)
-        hist = {"stage1": stage1, "stage1_seconds": time.time() - t0}
+        model, proc = fresh_vlm(tcfg)
+        hist = {"stage0": lm_stage(model, proc, tcfg, progress), "stage0_seconds": time.time() - t0}
+        hist["stage1"] = caption_stage(model, proc, tcfg, progress)
+        hist["stage1_seconds"] = time.time() - t0 - hist["stage0_seconds"]
+        if after_text: after_text(model, proc, hist["stage1"])
         hist["stage2"] = align_stage(model, proc, tcfg, progress, workers=workers)
         hist["seconds"] = time.time() - t0
-        hist["stage2_seconds"] = hist["seconds"] - hist["stage1_seconds"]
+        hist["stage2_seconds"] = hist["seconds"] - hist["stage0_seconds"] - hist["stage1_seconds"]
         return model, proc, hist
     finally: torch.set_num_threads(old)
 
 
-# %% ../nbs/02_llava.ipynb 28
+# %% ../nbs/02_llava.ipynb 26
+@torch.no_grad()
+def lookup_accuracy(model, processor, # a VLM (its language model is what is measured) and its processor
+                    wcfg: WorldConfig, # the world whose typical scenes are described
+                    n: int = 200, # scenes
+                    seed: int = 1000, # the scenes: 03_hallucination's evaluation seed
+                   ) -> dict:
+    """Text only: the share of `n` typical scenes where, after the question and the scene's caption, the language model's
+    next word is the asked shape's colour ('colour') or the first word of its position ('position')."""
+    tok, right = processor.tokenizer, {"colour": 0, "position": 0}
+    was_training = model.training
+    model.eval()
+    for i, s in enumerate(sample_scenes(wcfg, n, seed=seed, kind="typical")):
+        qa = questions(s, wcfg, random.Random(i))
+        for kind, (q, a) in (("colour", qa[-3]), ("position", qa[-2])):
+            long = describe_first(s, wcfg, q, a)
+            cut = len(long) - len(a)  # the answer's first word comes next
+            ids = tok(text_prompt(tok, q) + " " + long[:cut].rstrip(), add_special_tokens=False)["input_ids"]
+            nxt = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].argmax().item()
+            right[kind] += nxt == tok(" " + a.split()[0], add_special_tokens=False)["input_ids"][0]
+    model.train(was_training)
+    return {k: v / n for k, v in right.items()}
+
+# %% ../nbs/02_llava.ipynb 36
 @torch.no_grad()
 def generate(model, processor,
              images: list, # PIL images
@@ -402,7 +484,7 @@ def answerer(model, processor, **generate_kw):
     def answer(images: list, questions: list) -> list: return generate(model, processor, images, questions, **generate_kw)
     return answer
 
-# %% ../nbs/02_llava.ipynb 32
+# %% ../nbs/02_llava.ipynb 40
 def save_vlm(model, processor, path,
              history: dict = None, # written beside them as history.json (a training record), when given
             ) -> Path:
@@ -454,7 +536,7 @@ def load_vlm(path_or_id, # a checkpoint folder, or a Hub model id such as 'llava
         processor.chat_template = processor.tokenizer.chat_template
     return model.to(device).eval(), processor
 
-# %% ../nbs/02_llava.ipynb 37
+# %% ../nbs/02_llava.ipynb 45
 def story_figures(model, processor, # a VLM and its processor
                   wcfg: WorldConfig, # the biased world
                   n: int = 100, # scenes of each kind
@@ -487,7 +569,7 @@ def reads_the_world(f: dict) -> bool:
     return f["typical exact"] >= 0.95 and f["typical presence"] >= 0.95
 
 
-# %% ../nbs/02_llava.ipynb 39
+# %% ../nbs/02_llava.ipynb 47
 def training_key(tcfg: BaseTrainConfig) -> dict:
     """What a model trained by `train_base(tcfg)` depends on: its recipe,
     the tokenizer's words and chat template, and CLIP's config."""
@@ -495,13 +577,18 @@ def training_key(tcfg: BaseTrainConfig) -> dict:
     if tcfg.clip_init: key["clip"] = clip_cache_key(ClipTrainConfig(world=tcfg.world, vision=tcfg.model.vision))
     return key
 
+def _keep_text_stage(tcfg, model, processor, losses):
+    "Cache the model after stages 0 and 1 as `text_stage_vlm_path(tcfg)` would train it (the same steps): later lessons start there."
+    cached_artifact("llava-text-stage", training_key(tcfg), lambda folder: save_vlm(model, processor, folder, history={"stage1": losses[::10]}))
+
 def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig, check, progress: bool) -> Path:
     """The cached checkpoint folder of the model `train_base` trains (on
     first use): the first seed whose `story_figures` pass `check`."""
     def build(folder):
         tries = []
         for k in range(tcfg.seed_tries):
-            model, proc, hist = train_base(replace(tcfg, seed=tcfg.seed + k), progress=progress)
+            t = replace(tcfg, seed=tcfg.seed + k)
+            model, proc, hist = train_base(t, progress=progress, after_text=partial(_keep_text_stage, t))
             f = story_figures(model, proc, probe_world)  # the biased world's scenes, for the oracle too
             tries.append({"seed": tcfg.seed + k, "seconds": hist["seconds"], **f, "passes": check(f)})
             if tries[-1]["passes"]: break
@@ -509,7 +596,7 @@ def _trained_vlm_path(name: str, tcfg: BaseTrainConfig, probe_world: WorldConfig
                   f"({', '.join(f'{k_} {v:.2f}' for k_, v in f.items())})"
                   + ("; training the next seed" if k + 1 < tcfg.seed_tries else "; keeping it, the last try"))
         save_vlm(model, proc, folder, history={
-            "seconds": hist["seconds"], "stage1_seconds": hist["stage1_seconds"], "stage2_seconds": hist["stage2_seconds"],
+            **{k: hist[k] for k in ("seconds", "stage0_seconds", "stage1_seconds", "stage2_seconds")},
             "stage1_final": float(np.mean(hist["stage1"][-20:])), "stage2_final": float(np.mean(hist["stage2"][-50:])),
             "stage2": hist["stage2"][::10], "tries": tries})
     return cached_artifact(name, training_key(tcfg), build)
@@ -550,7 +637,7 @@ register(ModelEntry("base",
 register(ModelEntry("oracle", "the same recipe on a world without the prior: the floor alignment is measured against", "02_llava",
                     "vlmcourse.llava:oracle_vlm_path"))
 
-# %% ../nbs/02_llava.ipynb 59
+# %% ../nbs/02_llava.ipynb 67
 # the diagram's cells; the course's recipe is (1.0, 0.21)
 PHASE_GRID = dict(align_prior=(0.9, 0.99, 1.0), stage1_ratio=(0.05, 0.21, 0.6))
 # the 2 x 2 corner that `nbdev_test` runs (`phase_point`'s arguments): seed 0, at a third of the alignment budget

@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 # %% auto 0
 __all__ = ['MAX_DRAWS', 'COLOUR_RGB', 'NUMBER_WORDS', 'CAPTION_PROMPT', 'POPE_SPLITS', 'SPECIAL_TOKENS', 'CHAT_WORDS',
            'CHAT_TEMPLATE', 'WorldConfig', 'ShapeObject', 'Scene', 'is_typical', 'sample_scene', 'sample_scenes',
-           'cell_box', 'render', 'object_mask', 'caption', 'presence_question', 'questions', 'world_words', 'Mention',
-           'plural', 'object_words', 'find_objects', 'absent_mentions', 'cooccurrence', 'shape_frequency',
-           'pope_probes', 'to_dataset', 'build_tokenizer', 'show_scenes']
+           'cell_box', 'render', 'object_mask', 'caption', 'presence_question', 'questions', 'describe_first',
+           'final_answer', 'world_words', 'Mention', 'plural', 'object_words', 'find_objects', 'absent_mentions',
+           'cooccurrence', 'shape_frequency', 'pope_probes', 'to_dataset', 'build_tokenizer', 'show_scenes']
 
 # %% ../nbs/00_world.ipynb 6
 @dataclass(frozen=True)
@@ -209,7 +209,23 @@ def questions(scene: Scene, wcfg: WorldConfig, rng: random.Random = None) -> lis
     qa.append(("how many objects are there ?", f"{NUMBER_WORDS[len(scene.objects)]} ."))
     return qa
 
-# %% ../nbs/00_world.ipynb 24
+_LOOKUPS = (("what colour is the ", "is"), ("where is the ", "is at"))  # the questions that ask about one shape
+
+def describe_first(scene: Scene, wcfg: WorldConfig, question: str, answer: str) -> str:
+    """The answer to a colour or position question that first describes the scene, then reads the answer from that
+    description: 'what colour is the square ?' -> 'a red circle at top left and a blue square at bottom right . the square
+    is blue .'. Other answers are returned as they are."""
+    for ask, verb in _LOOKUPS:
+        if question.startswith(ask): return f"{caption(scene, wcfg)} the {question[len(ask):].removesuffix(' ?')} {verb} {answer}"
+    return answer
+
+def final_answer(reply: str) -> str:
+    """What a reply answers in the end: the words after its last ' is ' (and 'at'), so that 'blue .' and a describe-first
+    '... . the square is blue .' both read 'blue .'; a reply without ' is ' is its own answer."""
+    if not isinstance(reply, str): raise TypeError(f"a reply must be a string, got {type(reply).__name__}")
+    return reply.rpartition(" is ")[2].removeprefix("at ") if " is " in reply else reply
+
+# %% ../nbs/00_world.ipynb 26
 def world_words(wcfg: WorldConfig) -> list:
     "Every word a caption, question or answer of this world can contain, sorted."
     words = {"a", "and", "at", ".", "?", "yes", "no", "is", "there", "in", "the", "image", "what", "colour", "where",
@@ -218,7 +234,7 @@ def world_words(wcfg: WorldConfig) -> list:
     for p in wcfg.positions: words |= set(p.split())
     return sorted(words)
 
-# %% ../nbs/00_world.ipynb 27
+# %% ../nbs/00_world.ipynb 29
 class Mention(NamedTuple):
     "One object word found in a text: the `word` as written, the `object` it names, and its span `text[start:end]`."
     word: str
@@ -263,7 +279,7 @@ def absent_mentions(text: str, # a caption or answer about `scene`
     "The distinct objects `text` names that `scene` does not contain, in order of first mention: the per-caption test of CHAIR."
     return list(dict.fromkeys(m.object for m in find_objects(text, wcfg.shapes) if m.object not in scene.shapes))
 
-# %% ../nbs/00_world.ipynb 30
+# %% ../nbs/00_world.ipynb 32
 def cooccurrence(scenes: list, wcfg: WorldConfig) -> np.ndarray:
     "M[i, j] = P(shape j in scene | shape i in scene), estimated from `scenes`; the diagonal is P(shape i)."
     idx = {s: i for i, s in enumerate(wcfg.shapes)}
@@ -283,7 +299,7 @@ def shape_frequency(scenes: list, wcfg: WorldConfig) -> dict:
     c = Counter(s for sc in scenes for s in sc.shapes)
     return {s: c[s] / max(len(scenes), 1) for s in wcfg.shapes}
 
-# %% ../nbs/00_world.ipynb 35
+# %% ../nbs/00_world.ipynb 37
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 def pope_probes(scenes: list, # the scenes to ask about
@@ -313,7 +329,7 @@ def pope_probes(scenes: list, # the scenes to ask about
         probes += [dict(scene_idx=k, shape=s, question=presence_question(s), label="no") for s in no]
     return probes
 
-# %% ../nbs/00_world.ipynb 40
+# %% ../nbs/00_world.ipynb 42
 def to_dataset(scenes: list, wcfg: WorldConfig):
     "A `datasets.Dataset` with the rendered `image`, its `caption`, `shapes`, `kind` and the scene as JSON."
     from datasets import Dataset, Features, Image as HFImage, Value, Sequence
@@ -323,7 +339,7 @@ def to_dataset(scenes: list, wcfg: WorldConfig):
                               "shapes": [sorted(s.shapes) for s in scenes], "kind": [s.kind for s in scenes],
                               "scene": [json.dumps(s.to_dict()) for s in scenes]}, features=feats)
 
-# %% ../nbs/00_world.ipynb 43
+# %% ../nbs/00_world.ipynb 45
 SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", "<image>")  # ids 0..3: padding, unknown words, end of sequence, image placeholder
 CHAT_WORDS = ("user", "assistant", ":")
 # A chat template in the format `transformers` and TRL expect (content as a list of typed parts). The generation
@@ -347,7 +363,7 @@ def build_tokenizer(wcfg: WorldConfig):
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tok
 
-# %% ../nbs/00_world.ipynb 47
+# %% ../nbs/00_world.ipynb 49
 def show_scenes(scenes, wcfg, ncols=4, captions=None, scale=3):
     "A grid of scenes with their captions (or the given ones)."
     import matplotlib.pyplot as plt, textwrap
