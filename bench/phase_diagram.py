@@ -5,12 +5,12 @@
     python bench/phase_diagram.py --seeds 0 --procs 2        # one seed, two processes of one thread each
     python bench/phase_diagram.py --corners                  # only the 2 x 2 corner 02_llava's test cell reads
 
---corners trains the four points of `PHASE_CORNERS` at `PHASE_TEST_STEPS` alignment steps on seed 0 (about two and a
-half minutes on one core) into the cache, where 02_llava's test cell finds them: tests/run.sh runs it beside
+--corners trains the four points of `PHASE_CORNERS` at `PHASE_TEST_STEPS` alignment steps on seed 0 (about two
+minutes each on one core) into the cache, where 02_llava's test cell finds them: tests/run.sh runs it beside
 `vlmcourse train`.
 
-Each point trains a base model from scratch (about 3 minutes on one core): 9 cells x 3 seeds take about 2 hours on
-one core. Points run in --procs processes with one torch thread each; keep --procs at or below the free cores.
+Each point trains a base model from scratch (about four and a half minutes on one core): 9 cells x 3 seeds take about
+two hours on two cores. Points run in --procs processes with one torch thread each; keep --procs at or below the free cores.
 """
 import argparse, multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -35,8 +35,8 @@ netless() {
 }
 t1=$(date +%s)
 # Beside the base model (one torch thread), the four points of the 2 x 2 phase corner that 02_llava's test cell reads
-# train into the same cache, two at a time (about two and a half minutes on one core), so that nbdev_test finds them.
-# Together they take about 3.5 minutes on two cores; one after the other, the corner took 2 of nbdev_test's 4.
+# train into the same cache, two at a time (about two minutes each on one core), so that nbdev_test finds them.
+# Together they take about 8 minutes on two cores.
 corners_log=$(mktemp)
 netless python bench/phase_diagram.py --corners --procs 2 >"$corners_log" 2>&1 &
 corners=$!
