@@ -150,7 +150,7 @@ def results_markdown(table: pd.DataFrame, # from `results_table`
         lines.append(f"| {run} | {int(r[('', 'seeds')])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-# %% ../nbs/07_preference.ipynb 38
+# %% ../nbs/07_preference.ipynb 37
 def t_tail(t: float, dof: float) -> float:
     "Two-sided p-value of Student's t with `dof` degrees of freedom (Simpson's rule on the density; no scipy needed)."
     t = abs(t)
@@ -171,7 +171,7 @@ def welch(x, y):
     dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
     return t, dof, t_tail(t, dof)
 
-# %% ../nbs/07_preference.ipynb 40
+# %% ../nbs/07_preference.ipynb 39
 SWEEP_KINDS = {  # name: (objective, pair source, SFT term's weight, decoder of the weakened image)
     "SFT": ("sft", "bpo_inject", 1.0, "plain"),  # the chosen answers alone (of the injection pairs: the same scenes and prompts)
     "DPO + SFT, BPO injection": ("dpo", "bpo_inject", 1.0, "plain"),
@@ -196,7 +196,7 @@ def counter_frac_runs(fracs=(0.0, 0.5), # shares of counter-prior scenes in the 
                                                          pairs=PairConfig(counter_frac=f, decoder=decoder))
     return runs
 
-# %% ../nbs/07_preference.ipynb 41
+# %% ../nbs/07_preference.ipynb 40
 def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. results/counter_frac_sweep.csv
                 metric: str = "counter/chair_s",
                ) -> dict:
@@ -213,7 +213,7 @@ def sweep_tests(df: pd.DataFrame, # the sweep's rows (run, seed, figures), e.g. 
                else "one seed: no test")))
     return out
 
-# %% ../nbs/07_preference.ipynb 51
+# %% ../nbs/07_preference.ipynb 50
 KEEP = {"typical/exact": 0.01, "typical_pope_adversarial/accuracy": 0.02}  # what an alignment must not cost, and how much it may
 
 def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the base model's row (run 'base')
@@ -233,7 +233,7 @@ def pick_best(df: pd.DataFrame, # the sweep's rows (run, seed, figures) with the
                          "of the base model's typical figures")
     return ok["counter/chair_s"].idxmin()
 
-# %% ../nbs/07_preference.ipynb 54
+# %% ../nbs/07_preference.ipynb 53
 GAP_METRICS = {"counter/chair_s": "gap closed, counter CHAIR_s", "pope_adversarial/accuracy": "gap closed, POPE adversarial acc"}
 
 def add_gap_closed(df: pd.DataFrame, # runs, with one 'base' row and one 'oracle' row
@@ -272,7 +272,7 @@ def goal_check(df: pd.DataFrame, run: str) -> dict:
             "goal met": bool(cut >= 0.8 and b["typical/exact"] - m["typical/exact"] <= 0.01 + 1e-9
                              and m["gap closed, counter CHAIR_s"] >= 0.75)}
 
-# %% ../nbs/07_preference.ipynb 58
+# %% ../nbs/07_preference.ipynb 57
 SWEEP_COLUMNS = ["counter/chair_s", "counter/chair_i", "counter/exact", "typical/exact", "counter/recall", "pope_random/accuracy",
                  "pope_adversarial/accuracy", "pope_adversarial/f1", "typical_pope_adversarial/accuracy",
                  "gap closed, counter CHAIR_s", "gap closed, POPE adversarial acc"]
@@ -315,9 +315,9 @@ def write_section(path, # a text file, e.g. README.md
     os.replace(tmp, path)
     return path
 
-# %% ../nbs/07_preference.ipynb 63
+# %% ../nbs/07_preference.ipynb 62
 # `pick_best` on results/counter_frac_sweep.csv (checked below)
-BEST_ALIGNMENT = counter_frac_runs((0.5,))["SFT, counter 0.5"]
+BEST_ALIGNMENT = counter_frac_runs((0.5,))["DPO + SFT, BPO injection, counter 0.5"]
 
 def best_aligned_vlm_path(acfg: AlignConfig = BEST_ALIGNMENT, progress: bool = True) -> Path:
     "The cached checkpoint folder of an aligned model (trained from the base model on first use)."
@@ -336,5 +336,5 @@ def best_aligned_vlm(progress: bool = True, # show progress bars if it has to be
     return load_vlm(best_aligned_vlm_path(acfg, progress), device=device or "cpu")
 
 register(ModelEntry("aligned",
-                    "the best run of 07_preference's counter-share sweep by its rule (SFT on the chosen answers "
-                    "of half counter-prior pairs)", "07_preference", "vlmcourse.preference:best_aligned_vlm_path"))
+                    "the best run of 07_preference's counter-share sweep by its rule (DPO + SFT on BPO's injected "
+                    "negatives, half counter-prior pairs)", "07_preference", "vlmcourse.preference:best_aligned_vlm_path"))
