@@ -166,7 +166,8 @@ def welch(x, y):
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 2 or len(y) < 2: return float("nan"), float("nan"), float("nan")
     vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    if vx + vy == 0: return float("inf"), float("nan"), 0.0
+    if vx + vy == 0:  # both samples constant: equal means are no difference, different ones a certain one
+        return (0.0, float("nan"), 1.0) if x.mean() == y.mean() else (math.copysign(math.inf, x.mean() - y.mean()), float("nan"), 0.0)
     t = (x.mean() - y.mean()) / math.sqrt(vx + vy)
     dof = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
     return t, dof, t_tail(t, dof)
