@@ -27,8 +27,8 @@ PHRASES = [
     ("02_llava", f"{B.stage1_captions:,} captions"),
     ("02_llava", f"{B.caption_frac:.0%} captions, {B.presence_frac:.0%}\n   presence questions"),
     ("02_llava", f"{1 - B.caption_frac - B.presence_frac:.0%} colour, position and count questions"),
-    ("04_instructblip", f"Soft\nprompts from {InstructBlipModelConfig().num_query_tokens} queries, through {B.model.text_layers} frozen layers, "
-                        f"did not move it in {InstructTuneConfig().steps} steps"),
+    ("04_instructblip", f"Soft prompts from {InstructBlipModelConfig().num_query_tokens} queries, through {B.model.text_layers} frozen layers, "
+                        f"were enough for counts and presence in {InstructTuneConfig().steps} steps"),
     ("04_instructblip", f"(the course's base model needs {B.stage2_steps})"),
     ("05_dpo", f"$\\beta = {D.beta}$, learning rate {sci(D.lr)}, {NUMBER_WORDS[D.epochs]} epochs, {D.batch_size} pairs a step"),
     ("07_preference", f"on {A.n_pairs} pairs for {NUMBER_WORDS[A.train.epochs]} epochs"),
