@@ -43,6 +43,24 @@ def test_sft_labels_cover_only_the_answer(tiny):
     t = sft_batch(proc, None, ["describe the image ."], ["a red circle at top left ."])
     assert "pixel_values" not in t and proc.tokenizer.decode(t["labels"][0][t["labels"][0] != -100]) == "a red circle at top left . </s>"
 
+class _MarksImageTokens:
+    "A processor that also returns one value per prompt token, as Qwen2-VL's does (`mm_token_type_ids`: 1 on image tokens)."
+    def __init__(self, proc): self.proc = proc
+    def __getattr__(self, name): return getattr(self.proc, name)
+    def __call__(self, *args, **kwargs):
+        enc = self.proc(*args, **kwargs)
+        enc["mm_token_type_ids"] = (enc["input_ids"] == self.proc.tokenizer.convert_tokens_to_ids("<image>")).long()
+        return enc
+
+def test_sft_batch_extends_per_token_fields_over_the_answer(tiny):
+    _, proc = tiny
+    scenes = sample_scenes(wcfg, 3, seed=4)
+    answers = ["a red circle at top left .", caption(scenes[1], wcfg), "yes ."]  # answers of different lengths: right padding differs
+    b = sft_batch(_MarksImageTokens(proc), [render(s, wcfg) for s in scenes], [CAPTION_PROMPT] * 3, answers)
+    img_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert b["mm_token_type_ids"].shape == b["input_ids"].shape  # the prompt's field, over prompt, answer and padding
+    assert torch.equal(b["mm_token_type_ids"], (b["input_ids"] == img_id).long())  # 1 exactly on the image tokens, 0 on the answer
+
 def test_save_load_same_logits(tiny, tmp_path):
     model, proc = tiny
     s = sample_scenes(wcfg, 1)[0]

@@ -235,3 +235,12 @@ def test_align_command_on_tiny_llava(tmp_path):
     assert any(not torch.equal(v, sd[k]) for k, v in merged.state_dict().items() if k in sd)  # the adapter moved some weights
     assert main(["align", "--model", str(folder), "--pairs", str(tmp_path / "pairs"), "--output", str(tmp_path / "out2"),
                  "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1"]) == 0
+
+
+def test_align_refuses_instructblip_with_a_clear_error(tmp_path, capsys):
+    from vlmcourse.cli import main
+    folder = save_tiny_vlm("instructblip", tmp_path / "instructblip")
+    assert main(["align", "--model", str(folder), "--n-pairs", "2", "--output", str(tmp_path / "out"), "--max-steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "InstructBLIP" in err and "dpo_train" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written

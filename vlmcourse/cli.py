@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--output", required=True,
                     help="folder for the LoRA adapter (and with --merge, the merged model in OUTPUT/merged)")
     al.add_argument("--arch", default=None,
-                    help="the model's family (llava, qwen2_vl, idefics3, instructblip), for a chat template when it ships none")
+                    help="the model's family (llava, qwen2_vl, idefics3), for a chat template when it ships none; "
+                         "InstructBLIP is not supported by TRL's DPOTrainer (use vlmcourse.dpo.dpo_train)")
     al.add_argument("--beta", type=_positive(float), default=0.1, help="DPO's KL strength")
     al.add_argument("--lr", type=_positive(float), default=5e-6, help="learning rate")
     al.add_argument("--epochs", type=_positive(int), default=1)
@@ -156,3 +157,6 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+if __name__ == "__main__" and getattr(globals().get("__spec__"), "name", None) == "vlmcourse.cli":
+    sys.exit(main())  # `python -m vlmcourse.cli ...` runs as the `vlmcourse` command does (a notebook has no __spec__)

@@ -13,7 +13,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .clip import to_rgb
-from .llava import check_texts, epoch_batches, sft_batch, split_exchange, template_closes_turns, train_loop
+from .llava import (PROMPT_TOKEN_FIELDS, check_texts, epoch_batches, sft_batch, split_exchange,
+                             template_closes_turns, train_loop)
 
 # %% auto 0
 __all__ = ['DPO_LOSS_TYPES', 'dpo_loss', 'preference_dataset', 'unpack_pairs', 'sequence_logps', 'answer_lengths', 'for_trl',
@@ -255,7 +256,7 @@ def _take(enc, idx, n):
     "Rows of the pairs `idx` (chosen rows, then rejected rows) from an encoding of 2n sequences, trimmed of shared padding."
     both = torch.cat([idx, idx + n])
     T = int(enc["attention_mask"][both].sum(1).max())  # sft_batch pads on the right
-    return {k: (v[both, :T] if k in ("input_ids", "attention_mask", "labels", "token_type_ids") else v[both])
+    return {k: (v[both, :T] if k in ("input_ids", "attention_mask", "labels", "token_type_ids", *PROMPT_TOKEN_FIELDS) else v[both])
             for k, v in enc.items()}
 
 def _take_pairs(enc, idx):

@@ -348,5 +348,5 @@ def instructblip_vlm(tune_cfg: InstructTuneConfig = InstructTuneConfig(), device
 
 register(ModelEntry("instructblip",
                     "InstructBLIP: a Q-Former instruction-tuned between 01_clip's frozen ViT and the frozen biased "
-                    "LLM (barely reads images here)", "04_instructblip",
+                    "LLM (answers counts and presence; its captions are rarely exact at this budget)", "04_instructblip",
                     "vlmcourse.instructblip:instructblip_vlm_path", answerer="vlmcourse.instructblip:instructblip_answerer"))

@@ -25,14 +25,14 @@ from .clip import (ClipTrainConfig, VisionTowerConfig, clip_cache_key, clip_visi
                             vision_config)
 
 # %% auto 0
-__all__ = ['PHASE_GRID', 'PHASE_TEST_STEPS', 'PHASE_CORNERS', 'LlavaModelConfig', 'build_processor', 'chat_prompt', 'build_vlm',
-           'check_texts', 'text_prompt', 'answer_ids', 'pack_examples', 'template_closes_turns', 'split_exchange',
-           'sft_batch', 'epoch_batches', 'train_loop', 'BaseTrainConfig', 'oracle_config', 'stage2_examples',
-           'AlignmentBatches', 'copy_examples', 'lookup_examples', 'fresh_vlm', 'lm_stage', 'caption_stage',
-           'text_stage', 'align_stage', 'train_base', 'lookup_accuracy', 'generate', 'describe', 'answerer', 'save_vlm',
-           'default_device', 'load_vlm', 'story_figures', 'tells_the_story', 'reads_the_world', 'training_key',
-           'text_stage_vlm_path', 'text_stage_vlm', 'base_vlm_path', 'base_vlm', 'oracle_vlm_path', 'oracle_vlm',
-           'phase_point', 'phase_table', 'plot_phase']
+__all__ = ['PROMPT_TOKEN_FIELDS', 'PHASE_GRID', 'PHASE_TEST_STEPS', 'PHASE_CORNERS', 'LlavaModelConfig', 'build_processor',
+           'chat_prompt', 'build_vlm', 'check_texts', 'text_prompt', 'answer_ids', 'pack_examples',
+           'template_closes_turns', 'split_exchange', 'sft_batch', 'epoch_batches', 'train_loop', 'BaseTrainConfig',
+           'oracle_config', 'stage2_examples', 'AlignmentBatches', 'copy_examples', 'lookup_examples', 'fresh_vlm',
+           'lm_stage', 'caption_stage', 'text_stage', 'align_stage', 'train_base', 'lookup_accuracy', 'generate',
+           'describe', 'answerer', 'save_vlm', 'default_device', 'load_vlm', 'story_figures', 'tells_the_story',
+           'reads_the_world', 'training_key', 'text_stage_vlm_path', 'text_stage_vlm', 'base_vlm_path', 'base_vlm',
+           'oracle_vlm_path', 'oracle_vlm', 'phase_point', 'phase_table', 'plot_phase']
 
 # %% ../nbs/02_llava.ipynb 6
 @dataclass(frozen=True)
@@ -150,6 +150,8 @@ def split_exchange(processor, question: str, answer: str) -> tuple:
     n = next((k for k, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
     return full[:n], full[n:]
 
+PROMPT_TOKEN_FIELDS = ("mm_token_type_ids",)  # processor outputs with one value per prompt token (Qwen2-VL's: which are image tokens)
+
 def sft_batch(processor, # a VLM's processor (LLaVA, Qwen2-VL, Idefics3, InstructBLIP, ...)
               images, # PIL images, or None for text-only examples
               questions: list, # the user's text, one per example
@@ -173,7 +175,11 @@ def sft_batch(processor, # a VLM's processor (LLaVA, Qwen2-VL, Idefics3, Instruc
     completions = (answer_ids(tok, answers) if images is None
                    else tok([c for _, c in split], add_special_tokens=False)["input_ids"])
     batch = pack_examples(list(zip(prompts, completions)), tok.pad_token_id)  # prompt and answer tokenised apart, as TRL does
-    batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids")})  # pixel_values
+    batch.update({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "token_type_ids", *PROMPT_TOKEN_FIELDS)})
+    for k in PROMPT_TOKEN_FIELDS:  # one value per prompt token: the prompt's, then 0 (text) for the answer and the padding, as TRL does
+        if k in enc:
+            batch[k] = enc[k].new_zeros(batch["input_ids"].shape)
+            for r, m in enumerate(enc["attention_mask"].bool()): batch[k][r, :int(m.sum())] = enc[k][r][m]
     return batch
 
 # %% ../nbs/02_llava.ipynb 21

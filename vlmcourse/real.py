@@ -206,7 +206,7 @@ def tiny_model_config(arch: str, processor, tcfg: TinyVLMConfig = TinyVLMConfig(
                     num_hidden_layers=tcfg.text_layers, num_attention_heads=tcfg.heads,
                     num_key_value_heads=tcfg.heads // 2, max_position_embeddings=tcfg.max_positions,
                     rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id)
+                    bos_token_id=None, eos_token_id=tok.eos_token_id)  # Qwen2's default bos id is outside the tiny vocabulary
         vision = dict(depth=tcfg.vision_layers, embed_dim=tcfg.vision_hidden, hidden_size=tcfg.text_hidden,
                       num_heads=2, mlp_ratio=2, patch_size=tcfg.patch_size // 2, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3)
@@ -548,6 +548,9 @@ def align(model_id, # a checkpoint folder or Hub id, e.g. 'llava-hf/llava-1.5-7b
     cuda = torch.cuda.is_available()
     # the Trainer places it on each process's GPU
     model, processor = load_vlm(model_id, device="cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    if model.config.model_type == "instructblip":  # TRL's fused LM head reads `last_hidden_state`, which InstructBLIP's output lacks
+        raise ValueError(f"{model_id} is an InstructBLIP: TRL's DPOTrainer cannot score its answers (its output has no "
+                         "last_hidden_state); align it with the course's own loop, vlmcourse.dpo.dpo_train (05_dpo)")
     if arch: with_chat_template(processor, arch)
     out = Path(output_dir)
     args = DPOConfig(output_dir=str(out), beta=align_cfg.beta, learning_rate=align_cfg.lr,
