@@ -465,7 +465,7 @@ def answerer(model, processor: LavitProcessor, **generate_kw):
     def answer(images: list, questions: list) -> list: return generate(model, processor, images, questions, **generate_kw)
     return answer
 
-# %% ../nbs/11_lavit.ipynb 60
+# %% ../nbs/11_lavit.ipynb 59
 def _tokenizer_config(d: dict) -> VisualTokenizerConfig:
     "A VisualTokenizerConfig from its JSON (lists back to tuples)."
     tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v

@@ -318,7 +318,7 @@ def text_perplexity(model, processor, # any causal VLM and its processor
         count += int(keep.sum())
     return math.exp(total / count)
 
-# %% ../nbs/09_plora.ipynb 49
+# %% ../nbs/09_plora.ipynb 48
 def measure_vlm(model, processor, # a VLM and its processor
                 wcfg, # the biased world
                 n: int = 200, # scenes of each kind
@@ -360,7 +360,7 @@ def align_arm(start, processor, # the text-only stage's model (copied, not chang
     return model.eval(), {"trainable": n_train, "losses": losses,
                           "final loss": float(sum(losses[-20:]) / len(losses[-20:])), "seconds": time.time() - t0}
 
-# %% ../nbs/09_plora.ipynb 53
+# %% ../nbs/09_plora.ipynb 52
 PLORA_RECIPE = 1  # bump when `align_arm`'s PLoRA recipe changes what it trains
 
 def plora_vlm_path(progress: bool = True, # progress bars while training
