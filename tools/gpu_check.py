@@ -218,15 +218,13 @@ def check_align(dev, arch: str, launcher: str, steps: int, log_dir, timeout: flo
     folder = TMP / f"align-{arch}-ckpt"
     if not folder.exists(): save_tiny_vlm(arch, folder)
     out = TMP / f"align-{arch}-{launcher}"
-    shim = TMP / "vlmcourse_cli.py"  # what `pip install` makes of the console script `vlmcourse`
-    shim.write_text("import sys\nfrom vlmcourse.cli import main\nsys.exit(main())\n")
     args = ["align", "--model", str(folder), "--pairs", "bpo_inject", "--n-pairs", "8", "--output", str(out),
             "--max-steps", str(steps), "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--lora-r", "4",
             "--arch", arch, "--merge"]
-    if launcher == "direct": cmd = [sys.executable, str(shim)] + args
+    if launcher == "direct": cmd = [sys.executable, "-m", "vlmcourse.cli"] + args  # the `vlmcourse` command, uninstalled
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate_multi_gpu.yaml"), "--num_processes", "1", str(shim)] + args
+               str(ROOT / "configs" / "accelerate_multi_gpu.yaml"), "--num_processes", "1", "--module", "vlmcourse.cli"] + args
         if dev.type != "cuda": cmd[3:3] = ["--cpu"]
     t = time.time()
     try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(TMP))
