@@ -330,9 +330,11 @@ def copy_examples(tokenizer, n: int, seed: int, lengths: tuple = (5, 10)) -> lis
 
 def lookup_examples(wcfg: WorldConfig, n: int, seed: int) -> list:
     "`n` text-only (question, describe-first answer) examples: a scene's caption, then one shape's colour or position."
-    rng = random.Random(f"lookups-{seed}")
-    return [rng.choice([(q, describe_first(s, wcfg, q, a)) for q, a in questions(s, wcfg, rng)[-3:-1]])
-            for s in sample_scenes(wcfg, n, seed=seed)]
+    rng, out = random.Random(f"lookups-{seed}"), []
+    for s in sample_scenes(wcfg, n, seed=seed):
+        q, a = rng.choice(questions(s, wcfg, rng)[-3:-1])  # the colour or the position question
+        out.append((q, describe_first(s, wcfg, q, a)))  # only the chosen one described
+    return out
 
 def fresh_vlm(tcfg: BaseTrainConfig = BaseTrainConfig()):
     "(model, processor): an untrained LLaVA of the recipe's sizes, its vision tower from 01_clip's CLIP (`clip_init`)."
